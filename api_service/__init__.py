@@ -1,0 +1,1 @@
+"""The HTTP API: signup, email verification, health, readiness and metrics."""

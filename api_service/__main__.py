@@ -1,0 +1,55 @@
+"""`python -m api_service`: serve the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+
+from api_service.app import create_app
+from api_service.settings import ApiSettings
+from shared import logs, settings
+from shared.errors import ConfigError
+from shared.lifecycle import install_signal_handlers
+
+logger = logging.getLogger("api_service")
+
+
+async def serve(cfg: ApiSettings) -> None:
+    runner = web.AppRunner(
+        create_app(cfg), access_log=None, shutdown_timeout=cfg.shutdown_grace_seconds
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.api_host, cfg.api_port, backlog=1024)
+    await site.start()
+    logger.info("api_listening", extra={"host": cfg.api_host, "port": cfg.api_port})
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await stop.wait()
+    # cleanup() stops accepting, lets in-flight requests finish within the grace, then
+    # closes the pool.
+    logger.info("api_stopping", extra={"grace": cfg.shutdown_grace_seconds})
+    await runner.cleanup()
+    logger.info("api_stopped")
+
+
+def main() -> None:
+    try:
+        cfg = settings.load(ApiSettings)
+    except ConfigError as e:
+        print(f"api_service: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logs.setup("api", cfg.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

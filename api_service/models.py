@@ -1,0 +1,98 @@
+"""Request and response models: they validate the API and generate its OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Username = Annotated[
+    str,
+    Field(
+        min_length=3,
+        max_length=32,
+        pattern=r"^[a-z0-9_]+$",
+        description="3 to 32 characters: lowercase letters, digits, underscore.",
+        examples=["alice_01"],
+    ),
+]
+FullName = Annotated[
+    str,
+    Field(min_length=1, max_length=100, examples=["Alice Liddell"]),
+    AfterValidator(_no_control_chars),
+]
+# The upper bound keeps hashing cheap to refuse: no megabyte passwords through argon2.
+Password = Annotated[
+    str,
+    Field(min_length=8, max_length=128, description="8 to 128 characters."),
+    AfterValidator(_no_control_chars),
+]
+Email = Annotated[EmailStr, Field(max_length=254, examples=["alice@example.com"])]
+
+
+class SignupRequest(BaseModel):
+    """Create a user; a verification email is sent to `email`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="SignupRequest")
+
+    username: Username
+    full_name: FullName
+    email: Email
+    password: Password
+
+
+class User(BaseModel):
+    model_config = ConfigDict(title="User")
+
+    username: str
+    full_name: str
+    email: str
+    is_email_verified: bool
+    created_at: datetime
+
+
+class VerifyEmailQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore", title="VerifyEmailQuery")
+
+    email_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    secret_code: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class VerifyEmailResult(BaseModel):
+    model_config = ConfigDict(title="VerifyEmailResult")
+
+    is_verified: bool
+
+
+class InvalidParam(BaseModel):
+    name: str
+    reason: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(title="Problem")
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    invalid_params: list[InvalidParam] | None = Field(
+        default=None, serialization_alias="invalid-params"
+    )
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(title="Health")
+
+    status: str

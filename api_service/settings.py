@@ -1,0 +1,24 @@
+"""The API's settings (environment variables, validated at start)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class ApiSettings(CommonSettings):
+    api_host: str = Field("0.0.0.0", alias="API_HOST")
+    api_port: int = Field(8000, ge=0, le=65535, alias="API_PORT")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, alias="API_MAX_BODY_BYTES")
+    # argon2id parameters: the defaults are RFC 9106's second recommended option.
+    argon2_time_cost: int = Field(3, ge=1, le=20, alias="ARGON2_TIME_COST")
+    argon2_memory_kib: int = Field(65_536, ge=8, le=4_194_304, alias="ARGON2_MEMORY_KIB")
+    argon2_parallelism: int = Field(1, ge=1, le=64, alias="ARGON2_PARALLELISM")
+    hash_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 2, ge=1, le=256, alias="API_HASH_THREADS"
+    )
+
+    model_config = CommonSettings.model_config | {"populate_by_name": True}

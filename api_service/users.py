@@ -1,0 +1,94 @@
+"""POST /v1/users: create a user and, in the same transaction, the verification task."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import asyncpg
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from api_service import problems
+from api_service.context import APP_KEY
+from api_service.metrics import SIGNUPS
+from api_service.models import SignupRequest, User
+from api_service.problems import ProblemError
+from api_service.request_id import REQUEST_ID_KEY
+from shared.constants import TASK_SEND_VERIFY_EMAIL
+from shared.outbox import enqueue
+
+logger = logging.getLogger(__name__)
+
+_INSERT_USER = """
+INSERT INTO users (username, full_name, email, hashed_password)
+VALUES ($1, $2, $3, $4)
+RETURNING username, full_name, email, is_email_verified, created_at
+"""
+
+_CONSTRAINT_PROBLEMS = {
+    "users_pkey": (problems.USERNAME_TAKEN, "Username already taken", "username"),
+    "users_email_key": (problems.EMAIL_TAKEN, "Email already registered", "email"),
+}
+
+
+async def read_json(request: web.Request) -> object:
+    """The body as JSON, or the problem that says why not (415, 413, 400)."""
+    if request.content_type != "application/json":
+        raise ProblemError(
+            415,
+            problems.UNSUPPORTED_MEDIA,
+            "Unsupported media type",
+            "Send the body as application/json.",
+        )
+    body = await request.read()  # bounded by the application's client_max_size (413)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        error = e
+    # orjson also refuses valid JSON it cannot represent (integers beyond 64 bits): let the
+    # standard parser decide, so that such a document is a 422 on its field, not a 400.
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise ProblemError(400, problems.BAD_JSON, "Malformed JSON", str(error)[:200]) from None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def create_user(request: web.Request) -> web.Response:
+    ctx = request.app[APP_KEY]
+    doc = await read_json(request)
+    try:
+        signup = SignupRequest.model_validate(doc)
+    except ValidationError as e:
+        raise problems.validation_problem(e) from None
+    hashed = await ctx.hasher.hash(signup.password)
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                _INSERT_USER, signup.username, signup.full_name, str(signup.email), hashed
+            )
+            event_id = await enqueue(
+                conn,
+                TASK_SEND_VERIFY_EMAIL,
+                {"username": signup.username},
+                headers={"request_id": request[REQUEST_ID_KEY]},
+            )
+    except asyncpg.UniqueViolationError as e:
+        type_, title, field = _CONSTRAINT_PROBLEMS.get(
+            e.constraint_name or "", (problems.USERNAME_TAKEN, "Already exists", "username")
+        )
+        raise ProblemError(409, type_, title, f"The {field} is in use.") from None
+    SIGNUPS.inc()
+    logger.info("user_created", extra={"username": signup.username, "event_id": str(event_id)})
+    user = User.model_validate(dict(row))  # type: ignore[arg-type]
+    return web.Response(
+        status=201,
+        body=user.model_dump_json(),
+        content_type="application/json",
+        headers={"Location": f"/v1/users/{signup.username}"},
+    )

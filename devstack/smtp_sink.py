@@ -1,0 +1,122 @@
+"""An SMTP server that stores every message as an .eml file: `python -m devstack.smtp_sink`.
+
+For tests it can also misbehave on purpose: refuse with a 4xx (transient) or 5xx
+(permanent) reply to RCPT or DATA, to show how the worker handles each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email
+import email.policy
+import hashlib
+import threading
+import time
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+class MaildirHandler:
+    """aiosmtpd handler: one file per message, named so that order and identity are clear."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        # "" accepts; otherwise the reply to give to DATA, e.g. "451 4.3.0 try later".
+        self.fail_with = ""
+        self.delay_seconds = 0.0
+        self.received = 0
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
+        if self.fail_with:
+            return self.fail_with
+        data: bytes = envelope.original_content or b""
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        ident = hashlib.sha1(data, usedforsecurity=False).hexdigest()[:12]
+        name = f"{time.time_ns()}-{ident}.eml"
+        tmp = self.directory / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.rename(self.directory / name)  # readers never see half a file
+        with self._lock:
+            self.received += 1
+        del msg
+        return "250 Message accepted for delivery"
+
+
+class SmtpSink:
+    """The sink in a thread of this process (tests), with a handle to make it misbehave."""
+
+    def __init__(self, directory: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.handler = MaildirHandler(directory)
+        self.controller = Controller(self.handler, hostname=host, port=port or _free_port())
+        self.directory = directory
+
+    @property
+    def port(self) -> int:
+        return int(self.controller.port)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def refuse_connections(self) -> None:
+        """Stop listening: the worker's connections are refused."""
+        self.controller.stop()
+
+    def accept_connections(self) -> None:
+        self.controller = Controller(
+            self.handler, hostname=self.controller.hostname, port=self.controller.port
+        )
+        self.controller.start()
+
+    def messages(self) -> list[EmailMessage]:
+        out = []
+        for path in sorted(self.directory.glob("*.eml")):
+            msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            out.append(msg)
+        return out
+
+
+def _free_port() -> int:
+    from devstack.procs import free_port
+
+    return free_port()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m devstack.smtp_sink")
+    parser.add_argument("--dir", type=Path, default=Path(".data/mail"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=2525)
+    args = parser.parse_args(argv)
+    sink = SmtpSink(args.dir, args.port, args.host)
+    sink.start()
+    print(f"smtp sink on {args.host}:{sink.port}, mail in {args.dir}", flush=True)
+    stop = threading.Event()
+    import signal
+
+    def _stop(*_a: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    stop.wait()
+    sink.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The relay: moves outbox rows into the Redis Stream of their queue."""

@@ -1,0 +1,53 @@
+"""The relay's slow loop: backlog gauges, reconciliation with Redis, and retention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from relay import metrics
+from relay.reconciler import Reconciler
+from relay.retention import purge_completed
+from relay.settings import RelaySettings
+from shared.lifecycle import Loop
+
+# Counting stops here, so the gauge query costs the same however large the backlog is.
+BACKLOG_COUNT_CAP = 100_000
+
+_BACKLOG = """
+SELECT
+  (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
+                         LIMIT $1) AS capped) AS backlog,
+  (SELECT extract(epoch FROM now() - available_at) FROM outbox
+   WHERE published_at IS NULL AND available_at <= now()
+   ORDER BY available_at LIMIT 1) AS oldest_age
+"""
+
+
+async def refresh_backlog_gauges(pool: asyncpg.Pool[Any]) -> tuple[int, float]:
+    row = await pool.fetchrow(_BACKLOG, BACKLOG_COUNT_CAP)
+    assert row is not None
+    backlog, oldest = int(row["backlog"]), float(row["oldest_age"] or 0.0)
+    metrics.BACKLOG.set(backlog)
+    metrics.OLDEST_AGE.set(oldest)
+    return backlog, oldest
+
+
+class Maintenance(Loop):
+    name = "relay-maintenance"
+
+    def __init__(
+        self, pool: asyncpg.Pool[Any], reconciler: Reconciler, settings: RelaySettings
+    ) -> None:
+        super().__init__()
+        self.pool = pool
+        self.reconciler = reconciler
+        self.settings = settings
+        self.idle_interval = settings.maintenance_interval_seconds
+
+    async def run_once(self) -> bool:
+        await refresh_backlog_gauges(self.pool)
+        await self.reconciler.run_once()
+        await purge_completed(self.pool, self.settings.retention_seconds)
+        return False

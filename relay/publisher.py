@@ -1,0 +1,192 @@
+"""Claim due outbox rows with FOR UPDATE SKIP LOCKED, XADD them, mark them published.
+
+Rows are selected by `published_at IS NULL`, never by `id > last_seen`: a transaction that
+took a lower id can commit after one that took a higher id, and a cursor would skip it.
+The claim, the XADD and the update happen while the rows are locked, so relays running
+side by side never take the same row. If a relay dies after XADD but before its commit,
+the next relay to take the row finds the event's dedupe key in Redis (set atomically with
+the XADD by a Lua script) and records the existing stream id instead of adding it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from relay import metrics
+from relay.settings import RelaySettings
+from shared.connections import DbConn
+from shared.constants import ENVELOPE_FIELD, dedupe_key, stream_key
+from shared.envelope import Envelope
+from shared.lifecycle import Loop, backoff_delay
+
+logger = logging.getLogger(__name__)
+
+# KEYS[1] the stream; KEYS[2..] one dedupe key per event. ARGV[1] dedupe TTL, ARGV[2] "1" to
+# publish even when a dedupe key exists (republishing an event Redis lost), ARGV[3] the
+# entry's field name, ARGV[4..] the envelopes in KEYS order. Returns the stream ids,
+# existing or new, in the same order.
+PUBLISH_SCRIPT = """
+local ids = {}
+for i = 2, #KEYS do
+  local id = false
+  if ARGV[2] == '0' then id = redis.call('GET', KEYS[i]) end
+  if not id then
+    id = redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[i + 2])
+    redis.call('SET', KEYS[i], id, 'EX', ARGV[1])
+  end
+  ids[#ids + 1] = id
+end
+return ids
+"""
+
+_CLAIM = """
+SELECT id, event_id, task_type, queue, payload, headers, created_at
+FROM outbox
+WHERE published_at IS NULL AND available_at <= now()
+ORDER BY available_at, id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+_MARK_PUBLISHED = """
+UPDATE outbox AS o
+SET published_at = now(), stream_id = u.sid, publish_attempts = o.publish_attempts + 1,
+    last_error = NULL
+FROM unnest($1::bigint[], $2::text[]) AS u(id, sid)
+WHERE o.id = u.id
+"""
+
+_MARK_FAILED = """
+UPDATE outbox AS o
+SET publish_attempts = o.publish_attempts + 1, last_error = u.err,
+    available_at = now() + make_interval(secs => u.delay)
+FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS u(id, err, delay)
+WHERE o.id = u.id
+"""
+
+# Lua scripts block Redis while they run: publish in chunks of this many, pipelined.
+_CHUNK = 250
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: int
+    queue: str
+    event_id: str
+    data: bytes
+
+
+class Publisher:
+    """Publishes envelopes to streams with Redis-side dedupe by event id."""
+
+    def __init__(self, redis: aioredis.Redis, dedupe_ttl: int) -> None:
+        self.redis = redis
+        self.dedupe_ttl = dedupe_ttl
+        self._script = redis.register_script(PUBLISH_SCRIPT)
+
+    async def publish(self, rows: list[Row], *, force: bool = False) -> list[str]:
+        """XADD every row (or find its earlier XADD); stream ids in row order.
+
+        Raises ResponseError if Redis refuses a chunk; connection errors propagate.
+        """
+        by_queue: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            by_queue[row.queue].append(i)
+        chunks: list[list[int]] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue, idxs in by_queue.items():
+                for start in range(0, len(idxs), _CHUNK):
+                    chunk = idxs[start : start + _CHUNK]
+                    chunks.append(chunk)
+                    keys = [stream_key(queue)] + [
+                        dedupe_key(rows[i].event_id, queue) for i in chunk
+                    ]
+                    args: list[Any] = [self.dedupe_ttl, "1" if force else "0", ENVELOPE_FIELD]
+                    args += [rows[i].data for i in chunk]
+                    await self._script(keys=keys, args=args, client=pipe)
+            results = await pipe.execute(raise_on_error=True)
+        ids: list[str] = [""] * len(rows)
+        for chunk, result in zip(chunks, results, strict=True):
+            for i, sid in zip(chunk, result, strict=True):
+                ids[i] = sid.decode() if isinstance(sid, bytes) else str(sid)
+        return ids
+
+
+def to_row(rec: asyncpg.Record) -> Row:
+    envelope = Envelope(
+        event_id=str(rec["event_id"]),
+        type=rec["task_type"],
+        payload=rec["payload"],
+        created_at=rec["created_at"],
+        headers=rec["headers"],
+    )
+    return Row(rec["id"], rec["queue"], envelope.event_id, envelope.encode())
+
+
+class RelayLoop(Loop):
+    """Drains due outbox rows batch by batch; woken by NOTIFY, polls as a fallback."""
+
+    name = "relay"
+
+    def __init__(self, pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings):
+        super().__init__()
+        self.pool = pool
+        self.settings = settings
+        self.publisher = Publisher(redis, settings.dedupe_ttl_seconds)
+        self.idle_interval = settings.poll_interval_seconds
+
+    async def run_once(self) -> bool:
+        """Publish one batch; True if the batch was full (more may be waiting)."""
+        started = time.perf_counter()
+        async with self.pool.acquire() as conn, conn.transaction():
+            records = await conn.fetch(_CLAIM, self.settings.batch_size)
+            if not records:
+                return False
+            rows = [to_row(r) for r in records]
+            try:
+                ids = await self.publisher.publish(rows)
+                await conn.execute(_MARK_PUBLISHED, [r.id for r in rows], ids)
+                published = len(rows)
+            except ResponseError:
+                # Redis refused something: find out which rows, publish the rest.
+                metrics.ERRORS.labels("redis_refused").inc()
+                published = await self._publish_one_by_one(conn, rows)
+        metrics.PUBLISHED.inc(published)
+        metrics.BATCH_SIZE.observe(len(rows))
+        metrics.BATCH_DURATION.observe(time.perf_counter() - started)
+        return len(rows) >= self.settings.batch_size
+
+    async def _publish_one_by_one(self, conn: DbConn, rows: list[Row]) -> int:
+        """A row Redis will not take must not hold up the others (it is retried later)."""
+        ok_ids, ok_sids = [], []
+        bad_ids, bad_errs, bad_delays = [], [], []
+        for row in rows:
+            try:
+                (sid,) = await self.publisher.publish([row])
+            except ResponseError as e:
+                attempts = await conn.fetchval(
+                    "SELECT publish_attempts FROM outbox WHERE id = $1", row.id
+                )
+                bad_ids.append(row.id)
+                bad_errs.append(str(e)[:500])
+                bad_delays.append(backoff_delay(attempts + 1, 1.0, 300.0))
+                logger.error(
+                    "relay_publish_refused",
+                    extra={"event_id": row.event_id, "error": str(e)[:200]},
+                )
+            else:
+                ok_ids.append(row.id)
+                ok_sids.append(sid)
+        if ok_ids:
+            await conn.execute(_MARK_PUBLISHED, ok_ids, ok_sids)
+        if bad_ids:
+            await conn.execute(_MARK_FAILED, bad_ids, bad_errs, bad_delays)
+        return len(ok_ids)

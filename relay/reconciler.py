@@ -1,0 +1,91 @@
+"""Find events that were published but never finished and that Redis no longer has.
+
+Postgres is the source of truth and Redis may lose data (restart without persistence,
+failover, a trim). An outbox row published a while ago, neither completed nor
+dead-lettered, whose stream entry is gone, is published again. The row is locked while it
+is checked, and the worker records completion on that row before it acknowledges the
+entry, so an event cannot be finished and trimmed between the check and the republish.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from relay import metrics
+from relay.publisher import Publisher, to_row
+from shared.constants import stream_key
+
+logger = logging.getLogger(__name__)
+
+_CANDIDATES = """
+SELECT id, event_id, task_type, queue, payload, headers, created_at, stream_id, published_at
+FROM outbox
+WHERE published_at IS NOT NULL AND completed_at IS NULL AND dead_lettered_at IS NULL
+  AND published_at < now() - make_interval(secs => $1)
+  AND (published_at, id) > ($2, $3)
+ORDER BY published_at, id
+LIMIT $4
+FOR UPDATE SKIP LOCKED
+"""
+
+_REPUBLISHED = """
+UPDATE outbox AS o SET stream_id = u.sid, published_at = now()
+FROM unnest($1::bigint[], $2::text[]) AS u(id, sid)
+WHERE o.id = u.id
+"""
+
+_EPOCH = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+
+
+class Reconciler:
+    """Checks in-flight events against Redis, a page per call, wrapping around."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        redis: aioredis.Redis,
+        publisher: Publisher,
+        *,
+        after_seconds: float,
+        page_size: int = 500,
+    ) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.publisher = publisher
+        self.after_seconds = after_seconds
+        self.page_size = page_size
+        # Keyset cursor, so that a long list of slow but present events does not keep the
+        # check from reaching lost ones behind them.
+        self._cursor: tuple[datetime, int] = (_EPOCH, 0)
+
+    async def run_once(self) -> int:
+        """Check one page of candidates; return how many were published again."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            records = await conn.fetch(
+                _CANDIDATES, self.after_seconds, *self._cursor, self.page_size
+            )
+            if len(records) < self.page_size:
+                self._cursor = (_EPOCH, 0)
+            else:
+                self._cursor = (records[-1]["published_at"], records[-1]["id"])
+            if not records:
+                return 0
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for r in records:
+                    pipe.xrange(stream_key(r["queue"]), r["stream_id"], r["stream_id"], count=1)
+                present = await pipe.execute()
+            lost = [r for r, found in zip(records, present, strict=True) if not found]
+            if not lost:
+                return 0
+            rows = [to_row(r) for r in lost]
+            ids = await self.publisher.publish(rows, force=True)
+            await conn.execute(_REPUBLISHED, [r.id for r in rows], ids)
+        for row in rows:
+            logger.warning("event_republished", extra={"event_id": row.event_id})
+        metrics.REPUBLISHED.inc(len(rows))
+        return len(rows)

@@ -1,0 +1,49 @@
+"""The relay's settings (environment variables, validated at start)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from shared.settings import CommonSettings
+
+
+class RelaySettings(CommonSettings):
+    batch_size: int = Field(1000, ge=1, le=10_000, alias="RELAY_BATCH_SIZE")
+    poll_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=300,
+        alias="RELAY_POLL_INTERVAL_SECONDS",
+        description="Fallback poll when no NOTIFY arrives (NOTIFYs are lost while disconnected).",
+    )
+    dedupe_ttl_seconds: int = Field(
+        86_400,
+        ge=60,
+        alias="RELAY_DEDUPE_TTL_SECONDS",
+        description="How long Redis remembers that an event was published.",
+    )
+    reconcile_after_seconds: float = Field(
+        60.0,
+        gt=0,
+        alias="RELAY_RECONCILE_AFTER_SECONDS",
+        description="Age after which a published, unfinished event is checked for in Redis.",
+    )
+    retention_seconds: float = Field(
+        86_400.0,
+        ge=0,
+        alias="OUTBOX_RETENTION_SECONDS",
+        description="How long completed outbox rows are kept before they are purged.",
+    )
+    maintenance_interval_seconds: float = Field(
+        5.0, gt=0, alias="RELAY_MAINTENANCE_INTERVAL_SECONDS"
+    )
+    metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
+    metrics_port: int = Field(9101, ge=0, le=65535, alias="METRICS_PORT")
+
+    model_config = CommonSettings.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _dedupe_outlives_reconcile(self) -> RelaySettings:
+        if self.dedupe_ttl_seconds <= self.reconcile_after_seconds:
+            raise ValueError("RELAY_DEDUPE_TTL_SECONDS must exceed RELAY_RECONCILE_AFTER_SECONDS")
+        return self

@@ -1,0 +1,46 @@
+"""Building Postgres pools and Redis clients from settings (no module-level clients)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+# A connection as handed out by a pool or opened on its own.
+DbConn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    # jsonb in and out as Python objects, through orjson.
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+        format="text",
+    )
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool[Any]:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+    )
+    assert pool is not None
+    return pool
+
+
+def create_redis(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A Redis client with a connection pool; responses stay bytes (envelopes are bytes)."""
+    kwargs.setdefault("health_check_interval", 15)
+    kwargs.setdefault("socket_connect_timeout", 5)
+    kwargs.setdefault("socket_keepalive", True)
+    return aioredis.Redis.from_url(url, **kwargs)

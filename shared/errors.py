@@ -1,0 +1,27 @@
+"""The small exception hierarchy shared by the services."""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """Base of this project's errors."""
+
+
+class ConfigError(OutboxError):
+    """A setting is missing or has a bad value; the process exits with the message."""
+
+
+class EnvelopeError(OutboxError):
+    """A stream entry cannot be decoded into an envelope."""
+
+
+class TaskError(OutboxError):
+    """Base of the errors a task handler raises to steer the worker."""
+
+
+class PermanentError(TaskError):
+    """Do not retry: the task can never succeed (the entry goes to the dead-letter stream)."""
+
+
+class RetryableError(TaskError):
+    """A transient failure: retry after the backoff of the attempt."""

@@ -1,0 +1,150 @@
+"""A uniform lifecycle for long-running loops, and the main() that runs a service.
+
+Every loop is an object with `start()`, `stop()` (idempotent and safe before start) and a
+`run_once()` that tests call directly. A failing iteration is logged with its traceback,
+counted, and followed by a jittered backoff; cancellation is a clean exit.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from prometheus_client import Counter
+
+logger = logging.getLogger(__name__)
+
+LOOP_ERRORS = Counter("loop_errors_total", "Iterations of a background loop that raised.", ["loop"])
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter for the n-th consecutive failure (n >= 1)."""
+    exp = min(cap, base * (2 ** min(attempt - 1, 32)))
+    return random.uniform(exp / 2, exp)
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float = ...) -> None: ...
+
+
+class Loop(abc.ABC):
+    """A background loop that calls run_once() until stopped.
+
+    run_once() returns True when it did work and should be called again at once; False
+    means idle, and the loop waits for `wake()` or `idle_interval`.
+    """
+
+    name = "loop"
+    idle_interval: float = 1.0
+    error_backoff_base: float = 0.1
+    error_backoff_cap: float = 10.0
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self.failures = 0
+
+    @abc.abstractmethod
+    async def run_once(self) -> bool:
+        """Do one unit of work; True if there may be more right away."""
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Let the current iteration finish within `grace` seconds, then cancel it."""
+        self._stopping.set()
+        self._wakeup.set()
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            logger.warning("loop_stop_timeout", extra={"loop": self.name, "grace": grace})
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, cut short by wake() or stop()."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        self._wakeup.clear()
+
+    async def _run(self) -> None:
+        logger.info("loop_started", extra={"loop": self.name})
+        while not self._stopping.is_set():
+            try:
+                busy = await self.run_once()
+                self.failures = 0
+            except asyncio.CancelledError:
+                break
+            except Exception:
+                self.failures += 1
+                LOOP_ERRORS.labels(self.name).inc()
+                logger.exception(
+                    "loop_iteration_failed", extra={"loop": self.name, "failures": self.failures}
+                )
+                await self._sleep(
+                    backoff_delay(self.failures, self.error_backoff_base, self.error_backoff_cap)
+                )
+                continue
+            if not busy:
+                await self._sleep(self.idle_interval)
+        logger.info("loop_stopped", extra={"loop": self.name})
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT only set the event; main() does the stopping."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_until_signalled(
+    services: Sequence[Service],
+    grace: float,
+    cleanup: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Start the services, wait for SIGTERM/SIGINT, stop them in reverse order within grace."""
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    started: list[Service] = []
+    try:
+        for svc in services:
+            await svc.start()
+            started.append(svc)
+        logger.info("service_started")
+        await stop.wait()
+        logger.info("service_stopping", extra={"grace": grace})
+    finally:
+        for svc in reversed(started):
+            try:
+                await svc.stop(grace)
+            except Exception:
+                logger.exception("service_stop_failed", extra={"component": svc.name})
+        if cleanup is not None:
+            await cleanup()
+    logger.info("service_stopped")

@@ -1,0 +1,89 @@
+"""Apply the numbered SQL migrations in sql/ in order, each once: `python -m shared.migrate`.
+
+Applied versions are recorded in schema_migrations; an advisory lock lets several
+processes run this at once (the first applies, the others wait and find nothing to do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from shared import logs
+from shared.errors import ConfigError
+from shared.settings import PostgresUrl
+
+logger = logging.getLogger(__name__)
+
+_LOCK_KEY = 727_001  # arbitrary, constant: the advisory lock that serialises migrators
+_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+
+
+def migrations_dir() -> Path:
+    env = os.environ.get("MIGRATIONS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "sql"
+
+
+def discover(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        m = _NAME.match(path.name)
+        if not m:
+            raise ConfigError(f"migration file name not of the form NNN_name.sql: {path.name}")
+        found.append((int(m.group(1)), path))
+    versions = [v for v, _ in found]
+    if len(set(versions)) != len(versions):
+        raise ConfigError("two migrations share a version number")
+    return found
+
+
+async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
+    """Apply pending migrations; return the versions applied now."""
+    conn = await asyncpg.connect(dsn)
+    applied_now: list[int] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, path in discover(directory or migrations_dir()):
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    version,
+                    path.name,
+                )
+            logger.info("migration_applied", extra={"version": version, "file": path.name})
+            applied_now.append(version)
+    finally:
+        await conn.close()
+    return applied_now
+
+
+def main() -> None:
+    logs.setup("migrate", os.environ.get("LOG_LEVEL", "INFO"))
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        dsn = TypeAdapter(PostgresUrl).validate_python(os.environ.get("DATABASE_URL", ""))
+    except ValidationError as e:
+        print(f"invalid configuration: DATABASE_URL: {e.errors()[0]['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+    applied = asyncio.run(migrate(dsn))
+    logger.info("migrations_done", extra={"applied": applied})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Typed settings read from the environment (12-factor), validated at start.
+
+Each service has its own subclass; `load(SettingsClass)` turns a validation failure into a
+ConfigError that names the environment variable and why its value is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+
+def _url_with_scheme(*schemes: str) -> AfterValidator:
+    def check(value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in schemes:
+            raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}")
+        if parts.scheme not in ("unix", "redis+unix") and not parts.hostname:
+            raise ValueError("must name a host")
+        return value
+
+    return AfterValidator(check)
+
+
+PostgresUrl = Annotated[str, _url_with_scheme("postgresql", "postgres")]
+RedisUrl = Annotated[str, _url_with_scheme("redis", "rediss", "unix")]
+SmtpUrl = Annotated[str, _url_with_scheme("smtp", "smtps")]
+HttpUrl = Annotated[str, _url_with_scheme("http", "https")]
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service reads."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    database_url: PostgresUrl = Field(description="Postgres DSN, the source of truth.")
+    redis_url: RedisUrl = Field(description="Redis URL carrying the streams.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_grace_seconds: float = Field(
+        10.0, gt=0, le=600, description="How long in-flight work may finish after SIGTERM."
+    )
+    db_pool_size: int = Field(10, ge=1, le=200)
+    queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load(cls: type[SettingsT]) -> SettingsT:
+    """Build settings from the environment or raise ConfigError with one line per problem."""
+    try:
+        return cls()
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper() or "?"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,123 @@
+"""Real servers for the whole suite: PostgreSQL, Redis and an SMTP sink, started here.
+
+Each test gets clean tables, an empty Redis and an empty mailbox. Nothing is mocked that
+can exist on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.postgres import PostgresServer
+from devstack.procs import free_port, make_traversable
+from devstack.redis import RedisServer
+from devstack.smtp_sink import SmtpSink
+from shared.connections import create_pool, create_redis
+from shared.migrate import migrate
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    # Not pytest's tmp_path: its root is private to root, and Postgres runs as nobody.
+    path = Path(tempfile.mkdtemp(prefix="outbox-tests-"))
+    make_traversable(path)
+    yield path
+    if not os.environ.get("KEEP_TEST_DATA"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(workdir: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer(workdir / "pg" / "data", durable=False, log=workdir / "postgres.log")
+    server.start()
+    asyncio.run(migrate(server.dsn))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir / "redis", log=workdir / "redis.log")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def smtp_sink(workdir: Path) -> Iterator[SmtpSink]:
+    sink = SmtpSink(workdir / "mail")
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+async def clean(
+    pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    """Empty tables, Redis and mailbox before the test."""
+    if pg_server.proc is None:
+        pg_server.start()
+    if redis_server.proc is None:
+        redis_server.start()
+    conn = await asyncpg.connect(pg_server.dsn)
+    try:
+        await conn.execute("TRUNCATE users, outbox, verify_emails RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+    r = create_redis(redis_server.url)
+    await r.flushall()
+    await r.aclose()
+    for f in smtp_sink.directory.glob("*.eml"):
+        f.unlink()
+    smtp_sink.handler.fail_with = ""
+    smtp_sink.handler.delay_seconds = 0.0
+
+
+@pytest.fixture
+async def pool(pg_server: PostgresServer, clean: None) -> AsyncIterator[asyncpg.Pool[Any]]:
+    p = await create_pool(pg_server.dsn, max_size=10)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer, clean: None) -> AsyncIterator[aioredis.Redis]:
+    r = create_redis(redis_server.url)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+def service_env(
+    pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> dict[str, str]:
+    """The environment the services get: local servers, cheap hashing, short timeouts."""
+    return {
+        "DATABASE_URL": pg_server.dsn,
+        "REDIS_URL": redis_server.url,
+        "SMTP_URL": smtp_sink.url,
+        "PUBLIC_BASE_URL": "http://127.0.0.1:8000",
+        "MAIL_FROM": "Signup <no-reply@signup.test>",
+        "ARGON2_TIME_COST": "1",
+        "ARGON2_MEMORY_KIB": "1024",
+        "LOG_LEVEL": "INFO",
+        "METRICS_HOST": "127.0.0.1",
+        "API_HOST": "127.0.0.1",
+        "SHUTDOWN_GRACE_SECONDS": "5",
+    }
+
+
+@pytest.fixture
+def ports() -> dict[str, int]:
+    return {"api": free_port(), "relay": free_port(), "worker": free_port()}

@@ -1,0 +1,54 @@
+"""Small helpers the tests share: waiting on conditions, reading the mailbox, signups."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from email.message import EmailMessage
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+LINK = re.compile(r"https?://\S+/v1/verify_email\?\S+")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 20.0, interval: float = 0.05
+) -> None:
+    """Wait until check() is true; fail with the timeout otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def text_part(msg: EmailMessage) -> str:
+    part = msg.get_body(preferencelist=("plain",))
+    assert part is not None
+    content: str = part.get_content()  # type: ignore[attr-defined]
+    return content
+
+
+def verify_link(msg: EmailMessage) -> str:
+    m = LINK.search(text_part(msg))
+    assert m, "no verification link in the email"
+    return m.group(0)
+
+
+def link_params(link: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(link).query).items()}
+
+
+def signup_body(i: int | str, **overrides: Any) -> dict[str, Any]:
+    body = {
+        "username": f"user_{i}",
+        "full_name": f"User {i}",
+        "email": f"user{i}@example.com",
+        "password": "correct horse battery",
+    }
+    body.update(overrides)
+    return body

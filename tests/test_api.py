@@ -1,0 +1,283 @@
+"""The HTTP API against a real Postgres: signup, errors as problems, verification."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from api_service.app import create_app
+from api_service.settings import ApiSettings
+from devstack.postgres import PostgresServer
+from devstack.redis import RedisServer
+from shared.verification import hash_code
+from tests.helpers import signup_body
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+async def client(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer, redis_server: RedisServer
+) -> AsyncIterator[TestClient[Any, Any]]:
+    settings = ApiSettings(
+        database_url=pg_server.dsn,
+        redis_url=redis_server.url,
+        argon2_time_cost=1,
+        argon2_memory_kib=1024,
+    )
+    async with TestClient(TestServer(create_app(settings, pool))) as c:
+        yield c
+
+
+async def test_signup_commits_user_and_outbox_row_together(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    resp = await client.post("/v1/users", json=signup_body(1), headers={"X-Request-ID": "req-42"})
+    assert resp.status == 201
+    assert resp.headers["X-Request-ID"] == "req-42"
+    body = await resp.json()
+    assert body["username"] == "user_1"
+    assert body["is_email_verified"] is False
+    assert set(body) == {"username", "full_name", "email", "is_email_verified", "created_at"}
+    user = await pool.fetchrow("SELECT * FROM users WHERE username = 'user_1'")
+    assert user is not None
+    assert user["hashed_password"].startswith("$argon2id$")
+    assert "correct horse" not in user["hashed_password"]
+    rows = await pool.fetch("SELECT * FROM outbox")
+    assert len(rows) == 1
+    assert rows[0]["task_type"] == "send_verify_email"
+    assert rows[0]["payload"] == {"username": "user_1"}  # no secrets in the outbox
+    assert rows[0]["headers"] == {"request_id": "req-42"}
+    assert rows[0]["published_at"] is None
+
+
+async def test_request_id_is_generated_when_absent_or_insane(
+    client: TestClient[Any, Any],
+) -> None:
+    resp = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces and /slashes"})
+    rid = resp.headers["X-Request-ID"]
+    assert len(rid) == 32 and rid.isalnum()
+
+
+async def test_taken_username_and_email_are_409_and_roll_back(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    assert (await client.post("/v1/users", json=signup_body(1))).status == 201
+    same_name = await client.post("/v1/users", json=signup_body(1, email="other@example.com"))
+    assert same_name.status == 409
+    assert same_name.content_type == PROBLEM
+    assert (await same_name.json())["type"] == "/problems/username-taken"
+    same_email = await client.post(
+        "/v1/users", json=signup_body(2, email="USER1@example.com")
+    )
+    assert same_email.status == 409
+    assert (await same_email.json())["type"] == "/problems/email-taken"
+    # The failed transactions left no outbox rows behind.
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+async def test_malformed_json_is_400(client: TestClient[Any, Any]) -> None:
+    for raw in (b"{", b"\xff\xfe{}", b"[" * 5000 + b"]" * 5000, b'{"a": NaN}', b""):
+        resp = await client.post(
+            "/v1/users", data=raw, headers={"Content-Type": "application/json"}
+        )
+        assert resp.status == 400, raw[:20]
+        assert resp.content_type == PROBLEM
+        assert (await resp.json())["type"] == "/problems/malformed-json"
+
+
+async def test_wrong_content_type_is_415(client: TestClient[Any, Any]) -> None:
+    resp = await client.post(
+        "/v1/users", data=orjson.dumps(signup_body(1)), headers={"Content-Type": "text/plain"}
+    )
+    assert resp.status == 415
+    assert (await resp.json())["type"] == "/problems/unsupported-media-type"
+
+
+async def test_body_over_64_kib_is_413(client: TestClient[Any, Any]) -> None:
+    big = orjson.dumps(signup_body(1, full_name="x" * 70_000))
+    resp = await client.post("/v1/users", data=big, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert resp.content_type == PROBLEM
+    assert (await resp.json())["type"] == "/problems/request-too-large"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason_part"),
+    [
+        ("username", "ab", "at least 3"),
+        ("username", "x" * 33, "at most 32"),
+        ("username", "Bad-Name", "pattern"),
+        ("username", 12345, "string"),
+        ("email", "not-an-email", "email"),
+        ("email", "a@b", "email"),
+        ("password", "short", "at least 8"),
+        ("password", "p" * 129, "at most 128"),
+        ("password", "nul\x00byte-password", "control"),
+        ("full_name", "", "at least 1"),
+        ("full_name", "x" * 101, "at most 100"),
+        ("full_name", "Bob\x00", "control"),
+        ("full_name", 10**400, "string"),
+    ],
+)
+async def test_invalid_fields_are_422_naming_the_field(
+    client: TestClient[Any, Any], field: str, value: object, reason_part: str
+) -> None:
+    body = signup_body(1)
+    body[field] = value
+    resp = await client.post("/v1/users", data=orjson.dumps(body) if not isinstance(value, int)
+                             else _big_json(body), headers={"Content-Type": "application/json"})
+    assert resp.status == 422
+    problem = await resp.json()
+    assert problem["type"] == "/problems/validation-error"
+    names = {p["name"]: p["reason"] for p in problem["invalid-params"]}
+    assert field in names
+    assert reason_part.lower() in names[field].lower()
+    # The submitted value is never echoed back (it may be a password).
+    assert str(value)[:50] not in orjson.dumps(problem).decode() or len(str(value)) < 4
+
+
+def _big_json(body: dict[str, Any]) -> bytes:
+    # orjson refuses integers beyond 64 bits, so write such bodies by hand.
+    parts = [f'"{k}": {v if isinstance(v, int) else orjson.dumps(v).decode()}' for k, v in body.items()]
+    return ("{" + ", ".join(parts) + "}").encode()
+
+
+async def test_unknown_and_missing_fields_are_422(client: TestClient[Any, Any]) -> None:
+    resp = await client.post("/v1/users", json={**signup_body(1), "is_admin": True})
+    assert resp.status == 422
+    names = {p["name"]: p["reason"] for p in (await resp.json())["invalid-params"]}
+    assert names == {"is_admin": "unknown field"}
+    resp = await client.post("/v1/users", json={"username": "abc"})
+    names = {p["name"] for p in (await resp.json())["invalid-params"]}
+    assert names == {"full_name", "email", "password"}
+    resp = await client.post("/v1/users", json=[1, 2])
+    assert resp.status == 422
+
+
+async def test_strange_inputs_never_500(client: TestClient[Any, Any]) -> None:
+    cases: list[bytes] = [
+        orjson.dumps(signup_body("'; DROP TABLE users; --")),
+        orjson.dumps(signup_body(1, full_name="Robert'); DROP TABLE users;--")),
+        orjson.dumps({"username": {"$ne": None}}),
+        b'{"username": "a\\u0000b"}',
+        b"{" + b'"a":{' * 900 + b"1" + b"}" * 900 + b"}",
+        b'"just a string"',
+        b"null",
+        b"1e999999",
+        orjson.dumps(signup_body(2, email="\u202eevil@example.com")),
+    ]
+    for raw in cases:
+        resp = await client.post(
+            "/v1/users", data=raw, headers={"Content-Type": "application/json"}
+        )
+        assert resp.status < 500, raw[:40]
+        assert resp.status in (201, 400, 409, 422), raw[:40]
+        text = await resp.text()
+        assert "Traceback" not in text
+
+
+async def test_unknown_route_and_method_are_problems(client: TestClient[Any, Any]) -> None:
+    resp = await client.get("/nope")
+    assert resp.status == 404 and resp.content_type == PROBLEM
+    resp = await client.delete("/v1/users")
+    assert resp.status == 405 and resp.content_type == PROBLEM
+
+
+async def _make_code(pool: asyncpg.Pool[Any], code: str, minutes: float = 15) -> int:
+    await pool.execute(
+        "INSERT INTO users (username, full_name, email, hashed_password) "
+        "VALUES ('v_user', 'V', 'v@example.com', 'x')"
+    )
+    email_id: int = await pool.fetchval(
+        "INSERT INTO verify_emails (username, email, secret_code_hash, event_id, expires_at, sent_at)"
+        " VALUES ('v_user', 'v@example.com', $1, gen_random_uuid(),"
+        " now() + make_interval(mins => $2), now()) RETURNING id",
+        hash_code(code),
+        minutes,
+    )
+    return email_id
+
+
+async def test_verify_email_once(client: TestClient[Any, Any], pool: asyncpg.Pool[Any]) -> None:
+    email_id = await _make_code(pool, "good-code")
+    wrong = await client.get("/v1/verify_email", params={"email_id": email_id, "secret_code": "bad"})
+    assert wrong.status == 400
+    assert (await wrong.json())["type"] == "/problems/invalid-verification-code"
+    ok = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "good-code"}
+    )
+    assert ok.status == 200
+    assert await ok.json() == {"is_verified": True}
+    assert await pool.fetchval("SELECT is_email_verified FROM users WHERE username='v_user'")
+    again = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "good-code"}
+    )
+    assert again.status == 409
+    assert (await again.json())["type"] == "/problems/verification-code-used"
+
+
+async def test_verify_email_expired(client: TestClient[Any, Any], pool: asyncpg.Pool[Any]) -> None:
+    email_id = await _make_code(pool, "old-code", minutes=-1)
+    resp = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "old-code"}
+    )
+    assert resp.status == 410
+    assert not await pool.fetchval("SELECT is_email_verified FROM users WHERE username='v_user'")
+
+
+async def test_verify_email_bad_params_are_422(client: TestClient[Any, Any]) -> None:
+    for params in ({}, {"email_id": "abc", "secret_code": "x"}, {"email_id": "1"},
+                   {"email_id": str(2**70), "secret_code": "x"},
+                   {"email_id": "1", "secret_code": "x" * 500}):
+        resp = await client.get("/v1/verify_email", params=params)
+        assert resp.status == 422, params
+
+
+async def test_verify_email_html_for_browsers(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    email_id = await _make_code(pool, "html-code")
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    ok = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "html-code"}, headers=html
+    )
+    assert ok.status == 200 and ok.content_type == "text/html"
+    assert "Email verified" in await ok.text()
+    again = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "html-code"}, headers=html
+    )
+    assert again.status == 409 and again.content_type == "text/html"
+    assert "used already" in await again.text()
+
+
+async def test_health_ready_metrics_openapi(client: TestClient[Any, Any]) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert await (await client.get("/readyz")).json() == {"status": "ready"}
+    await client.post("/v1/users", json=signup_body(9))
+    metrics = await (await client.get("/metrics")).text()
+    assert 'api_http_requests_total{method="POST",route="/v1/users",status="201"}' in metrics
+    assert "api_signups_total" in metrics
+    doc = await (await client.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.1")
+    schema = doc["components"]["schemas"]["SignupRequest"]
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["password"]["maxLength"] == 128
+
+
+async def test_readyz_is_503_when_postgres_is_down(
+    client: TestClient[Any, Any], pg_server: PostgresServer
+) -> None:
+    pg_server.stop()
+    try:
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        assert resp.content_type == PROBLEM
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        pg_server.start()

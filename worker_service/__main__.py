@@ -1,0 +1,74 @@
+"""`python -m worker_service --app module:router`: run one worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from shared import logs, settings
+from shared.connections import create_pool, create_redis
+from shared.errors import ConfigError
+from shared.http_probe import ProbeServer
+from shared.lifecycle import run_until_signalled
+from worker_service.consumer import Worker
+from worker_service.maintenance import WorkerMaintenance, refresh_gauges
+from worker_service.router import Router, load_app
+from worker_service.settings import WorkerSettings
+
+
+async def serve(cfg: WorkerSettings, router: Router) -> None:
+    pool = await create_pool(cfg.database_url, max_size=cfg.db_pool_size)
+    redis = create_redis(cfg.redis_url)
+    worker = Worker(router, pool, redis, cfg)
+    maintenance = WorkerMaintenance(
+        worker.queue,
+        cfg.consumer_name,
+        cfg.consumer_idle_cleanup_seconds,
+        cfg.maintenance_interval_seconds,
+    )
+
+    async def scrape() -> None:
+        await refresh_gauges(worker.queue)
+
+    probe = ProbeServer(
+        cfg.metrics_host, cfg.metrics_port, healthy=lambda: worker.running, before_scrape=scrape
+    )
+
+    async def close() -> None:
+        await redis.aclose()
+        await pool.close()
+
+    await run_until_signalled([probe, worker, maintenance], cfg.shutdown_grace_seconds, close)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m worker_service")
+    parser.add_argument(
+        "--app",
+        default="worker_service.app:router",
+        help="the Router to run, as module:attribute (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = settings.load(WorkerSettings)
+        router = load_app(args.app)
+    except (ConfigError, ValueError, ImportError) as e:
+        print(f"worker: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logs.setup("worker", cfg.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(cfg, router))
+    except ConfigError as e:  # raised by the app's startup hook
+        print(f"worker: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

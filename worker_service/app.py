@@ -1,0 +1,140 @@
+"""The default application: the verification email sent after a signup.
+
+Run with `python -m worker_service --app worker_service.app:router`.
+
+The handler is idempotent. Its effect record is the verify_emails row keyed by the event
+id: a delivery inserts it (or finds it) and locks it, so two deliveries of one event at the
+same moment serialise on Postgres; the one that comes second finds `sent_at` set and does
+nothing. The mail is sent while the row is locked and `sent_at` commits right after, so a
+second email can only come from a crash between the SMTP send and that commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from email.message import EmailMessage
+from email.utils import formataddr, parseaddr
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared import settings as settings_mod
+from shared.constants import TASK_SEND_VERIFY_EMAIL
+from shared.errors import PermanentError
+from shared.settings import HttpUrl, SmtpUrl
+from shared.verification import hash_code, new_code
+from worker_service.mailer import Mailer, SmtpConfig
+from worker_service.router import Router, TaskContext
+
+logger = logging.getLogger(__name__)
+
+router = Router()
+
+
+class VerifyEmailSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    smtp_url: SmtpUrl = Field(alias="SMTP_URL")
+    mail_from: str = Field("Signup <no-reply@example.com>", alias="MAIL_FROM")
+    public_base_url: HttpUrl = Field(alias="PUBLIC_BASE_URL")
+    verify_ttl_minutes: float = Field(15.0, gt=0, alias="VERIFY_EMAIL_TTL_MINUTES")
+    smtp_timeout_seconds: float = Field(20.0, gt=0, alias="SMTP_TIMEOUT_SECONDS")
+
+
+def build_message(
+    cfg: VerifyEmailSettings, *, to: str, full_name: str, link: str, event_id: str
+) -> EmailMessage:
+    sender_domain = parseaddr(cfg.mail_from)[1].rpartition("@")[2] or "localhost"
+    msg = EmailMessage()
+    msg["From"] = cfg.mail_from
+    msg["To"] = formataddr((full_name, to))
+    msg["Subject"] = "Confirm your email address"
+    # Derived from the event: a redelivered send carries the same Message-ID, so mail
+    # systems that deduplicate on it show one message.
+    msg["Message-ID"] = f"<{event_id}@{sender_domain}>"
+    minutes = int(cfg.verify_ttl_minutes)
+    msg.set_content(
+        f"Hello {full_name},\n\n"
+        f"Please confirm your email address by opening this link:\n\n{link}\n\n"
+        f"The link works once and expires in {minutes} minutes.\n"
+        "If you did not sign up, ignore this message.\n"
+    )
+    msg.add_alternative(
+        '<!doctype html><html><body style="font-family:sans-serif">'
+        f"<p>Hello {escape(full_name)},</p>"
+        "<p>Please confirm your email address:</p>"
+        f'<p><a href="{escape(link)}">Confirm my email address</a></p>'
+        f"<p>The link works once and expires in {minutes} minutes. "
+        "If you did not sign up, ignore this message.</p>"
+        "</body></html>",
+        subtype="html",
+    )
+    return msg
+
+
+@router.on_startup
+async def _startup(state: dict[str, Any]) -> None:
+    cfg = settings_mod.load(VerifyEmailSettings)
+    state["verify_settings"] = cfg
+    state["mailer"] = Mailer(SmtpConfig.from_url(cfg.smtp_url, cfg.smtp_timeout_seconds))
+
+
+@router.handler(TASK_SEND_VERIFY_EMAIL, timeout=60)
+async def send_verify_email(ctx: TaskContext) -> None:
+    cfg: VerifyEmailSettings = ctx.state["verify_settings"]
+    mailer: Mailer = ctx.state["mailer"]
+    username = ctx.payload.get("username")
+    if not isinstance(username, str):
+        raise PermanentError("payload has no username")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        user = await conn.fetchrow(
+            "SELECT full_name, email FROM users WHERE username = $1", username
+        )
+        if user is None:
+            raise PermanentError("user does not exist")
+        code = new_code()
+        await conn.execute(
+            """
+            INSERT INTO verify_emails (username, email, secret_code_hash, event_id, expires_at)
+            VALUES ($1, $2, $3, $4, now() + make_interval(mins => $5))
+            ON CONFLICT (event_id) DO NOTHING
+            """,
+            username,
+            user["email"],
+            hash_code(code),
+            ctx.event_id,
+            cfg.verify_ttl_minutes,
+        )
+        # Blocks while another delivery of this event holds the row.
+        row = await conn.fetchrow(
+            "SELECT id, sent_at FROM verify_emails WHERE event_id = $1 FOR UPDATE", ctx.event_id
+        )
+        assert row is not None
+        if row["sent_at"] is not None:
+            logger.info("verify_email_already_sent", extra={"event_id": ctx.event_id})
+            return
+        # An earlier attempt failed before sending: its code was never seen, make a new one.
+        await conn.execute(
+            """
+            UPDATE verify_emails
+            SET secret_code_hash = $2, expires_at = now() + make_interval(mins => $3)
+            WHERE id = $1
+            """,
+            row["id"],
+            hash_code(code),
+            cfg.verify_ttl_minutes,
+        )
+        link = (
+            cfg.public_base_url.rstrip("/")
+            + "/v1/verify_email?"
+            + urlencode({"email_id": row["id"], "secret_code": code})
+        )
+        message = build_message(
+            cfg, to=user["email"], full_name=user["full_name"], link=link, event_id=ctx.event_id
+        )
+        await mailer.send(message)
+        await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
+    logger.info("verify_email_sent", extra={"event_id": ctx.event_id, "email_id": row["id"]})

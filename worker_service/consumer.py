@@ -1,0 +1,417 @@
+"""The consumer: reads a queue's stream in a consumer group and runs handlers.
+
+Flow of one entry: XREADGROUP (or XCLAIM of a due retry or of a dead worker's entry) ->
+decode the envelope -> run the handler under its timeout -> on success, record completion
+in Postgres, then XACK (both batched); on a transient failure, park the entry for its
+backoff; after the last attempt, on a "do not retry" error, an undecodable entry or an
+unknown task type, XADD it to the dead-letter stream and XACK it in one MULTI.
+
+While a handler runs, the worker renews its claim on the entry every third of the
+visibility timeout, so no other worker takes over a slow but live handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from shared.constants import RETRY_PARKING_CONSUMER
+from shared.envelope import Envelope
+from shared.errors import EnvelopeError, PermanentError
+from shared.lifecycle import LOOP_ERRORS, backoff_delay
+from shared.logs import request_id_var
+from worker_service import metrics
+from worker_service.queue import Entry, StreamQueue, retry_delay
+from worker_service.router import Route, Router, TaskContext
+from worker_service.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+_MARK_COMPLETED = """
+UPDATE outbox SET completed_at = now()
+WHERE event_id = ANY($1::uuid[]) AND completed_at IS NULL
+"""
+_MARK_DEAD = """
+UPDATE outbox SET dead_lettered_at = now(), last_error = $2
+WHERE event_id = $1::uuid AND completed_at IS NULL
+"""
+
+
+class Worker:
+    """One consumer in the group; start()/stop() and run_once() for tests."""
+
+    name = "worker"
+
+    def __init__(
+        self,
+        router: Router,
+        pool: asyncpg.Pool[Any],
+        redis: aioredis.Redis,
+        settings: WorkerSettings,
+    ) -> None:
+        self.router = router
+        self.pool = pool
+        self.redis = redis
+        self.settings = settings
+        self.consumer = settings.consumer_name
+        self.queue = StreamQueue(redis, settings.queue)
+        self.state: dict[str, Any] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slot_free = asyncio.Event()
+        self._acks: list[tuple[str, str | None]] = []  # (entry id, event id)
+        self._ack_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._app_started = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Create the group if missing and run the app's startup hooks."""
+        await self.queue.ensure_group()
+        if not self._app_started:
+            for hook in self.router.startup_hooks:
+                await hook(self.state)
+            self._app_started = True
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._stopping.clear()
+        await self.setup()
+        # Entries this consumer name held before a restart come first.
+        await self._take(await self.queue.read_own_pending(self.consumer, self.settings.read_count))
+        loops = {
+            "fetch": self._fetch_loop,
+            "ack": self._ack_loop,
+            "heartbeat": self._heartbeat_loop,
+            "reclaim": self._reclaim_loop,
+        }
+        self._tasks = [asyncio.create_task(fn(), name=f"worker-{n}") for n, fn in loops.items()]
+        logger.info("worker_started", extra={"consumer": self.consumer, "queue": self.queue.queue})
+
+    @property
+    def running(self) -> bool:
+        return self._started and all(not t.done() for t in self._tasks)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop reading, let handlers finish within grace, hand the rest back, flush acks."""
+        if not self._started:
+            await self._shutdown_app()
+            return
+        self._started = False
+        self._stopping.set()
+        self._slot_free.set()
+        loops, self._tasks = self._tasks, []
+        fetch = [t for t in loops if t.get_name() == "worker-fetch"]
+        await asyncio.gather(*fetch, return_exceptions=True)
+        stuck: list[str] = []
+        if self._inflight:
+            _done, pending = await asyncio.wait(list(self._inflight.values()), timeout=grace)
+            if pending:
+                stuck = [eid for eid, t in self._inflight.items() if t in pending]
+                logger.warning("worker_handlers_cancelled", extra={"entries": stuck})
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await asyncio.shield(self._flush_acks())
+        if stuck:
+            # Others may take these at once instead of after the visibility timeout.
+            with contextlib.suppress(Exception):
+                await self.queue.park_for_retry(stuck, due_now=True)
+        await self._shutdown_app()
+        logger.info("worker_stopped", extra={"consumer": self.consumer})
+
+    async def _shutdown_app(self) -> None:
+        if self._app_started:
+            self._app_started = False
+            for hook in self.router.shutdown_hooks:
+                try:
+                    await hook(self.state)
+                except Exception:
+                    logger.exception("app_shutdown_hook_failed")
+
+    # -- one step, for tests -----------------------------------------------------------
+
+    async def run_once(self, block_ms: int | None = None) -> int:
+        """Read one batch, run it to the end, flush acks; the number of entries read."""
+        entries = await self.queue.read(self.consumer, self.settings.read_count, block_ms)
+        entries += await self.reclaim_once()
+        await self._take(entries)
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self._flush_acks()
+        return len(entries)
+
+    # -- loops -------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.settings.concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                entries = await self.queue.read(
+                    self.consumer, min(free, self.settings.read_count), self.settings.block_ms
+                )
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                failures += 1
+                LOOP_ERRORS.labels("worker-fetch").inc()
+                if "NOGROUP" in str(e):
+                    # Redis lost the group (restart without data): make it again.
+                    logger.warning("worker_group_missing")
+                    with contextlib.suppress(Exception):
+                        await self.queue.ensure_group()
+                else:
+                    logger.exception("worker_read_failed", extra={"failures": failures})
+                await self._pause(backoff_delay(failures, 0.1, 5.0))
+                continue
+            await self._take(entries)
+
+    async def _ack_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._ack_ready.wait()
+            try:
+                await asyncio.shield(self._flush_acks())
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                LOOP_ERRORS.labels("worker-ack").inc()
+                logger.exception("worker_ack_failed", extra={"failures": failures})
+                await asyncio.sleep(backoff_delay(failures, 0.1, 5.0))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            ids = list(self._inflight) + [a[0] for a in self._acks]
+            try:
+                await self.queue.renew(self.consumer, ids)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                LOOP_ERRORS.labels("worker-heartbeat").inc()
+                logger.exception("worker_heartbeat_failed")
+
+    async def _reclaim_loop(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(
+                self.settings.reclaim_interval_seconds
+                if not failures
+                else backoff_delay(failures, 0.5, 10.0)
+            )
+            if self.settings.concurrency - len(self._inflight) <= 0:
+                continue
+            try:
+                await self._take(await self.reclaim_once())
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                LOOP_ERRORS.labels("worker-reclaim").inc()
+                logger.exception("worker_reclaim_failed", extra={"failures": failures})
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    # -- reclaiming --------------------------------------------------------------------
+
+    async def reclaim_once(self) -> list[Entry]:
+        """Claim parked retries that are due and entries of workers that went silent."""
+        s = self.settings
+        budget = max(0, s.concurrency - len(self._inflight))
+        if budget == 0:
+            return []
+        vt_ms = int(s.visibility_timeout_seconds * 1000)
+        base_ms = int(s.retry_backoff_base_seconds * 500)  # the smallest jittered backoff
+        claims: list[tuple[str, int, int]] = []
+        for p in await self.queue.pending(
+            min_idle_ms=base_ms, count=budget * 4, consumer=RETRY_PARKING_CONSUMER
+        ):
+            due_ms = int(
+                1000
+                * retry_delay(
+                    p.id, p.deliveries, s.retry_backoff_base_seconds, s.retry_backoff_max_seconds
+                )
+            )
+            if p.idle_ms >= due_ms:
+                claims.append((p.id, due_ms, p.deliveries))
+            if len(claims) >= budget:
+                break
+        if len(claims) < budget:
+            for p in await self.queue.pending(min_idle_ms=vt_ms, count=budget):
+                if p.consumer != RETRY_PARKING_CONSUMER and p.consumer != self.consumer:
+                    claims.append((p.id, vt_ms, p.deliveries))
+        entries = await self.queue.claim(self.consumer, claims[:budget])
+        if entries:
+            logger.info("worker_reclaimed", extra={"count": len(entries)})
+        return entries
+
+    # -- running entries ---------------------------------------------------------------
+
+    async def _take(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            if entry.id in self._inflight:
+                continue
+            task = asyncio.create_task(self._guarded(entry))
+            self._inflight[entry.id] = task
+            task.add_done_callback(functools.partial(self._done, entry.id))
+        metrics.IN_FLIGHT.set(len(self._inflight))
+
+    def _done(self, entry_id: str, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(entry_id, None)
+        metrics.IN_FLIGHT.set(len(self._inflight))
+        self._slot_free.set()
+
+    async def _guarded(self, entry: Entry) -> None:
+        """Bookkeeping that fails (Redis or Postgres down) leaves the entry pending: it is
+        taken over after the visibility timeout. Log it; never lose the traceback."""
+        try:
+            await self._run_entry(entry)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            LOOP_ERRORS.labels("worker-task").inc()
+            logger.exception("worker_entry_failed", extra={"entry_id": entry.id})
+
+    async def _run_entry(self, entry: Entry) -> None:
+        if entry.fields is None:
+            # Deleted from the stream while pending: nothing to run. If it never completed,
+            # the relay's reconciler publishes it again from Postgres.
+            await self.queue.ack([entry.id])
+            return
+        try:
+            envelope = Envelope.decode(entry.fields)
+        except EnvelopeError as e:
+            await self._dead_letter(entry, None, None, "undecodable", str(e))
+            return
+        route = self.router.get(envelope.type)
+        if route is None:
+            await self._dead_letter(
+                entry, envelope, None, "unknown_type", f"no handler for {envelope.type!r}"
+            )
+            return
+        token = request_id_var.set(envelope.request_id)
+        try:
+            await self._run_handler(entry, envelope, route)
+        finally:
+            request_id_var.reset(token)
+
+    async def _run_handler(self, entry: Entry, envelope: Envelope, route: Route) -> None:
+        s = self.settings
+        ctx = TaskContext(envelope, entry.deliveries, entry.id, self.pool, self.redis, self.state)
+        timeout = route.timeout or s.task_timeout_seconds
+        max_attempts = route.max_attempts or s.max_attempts
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                await route.handler(ctx)
+        except PermanentError as e:
+            metrics.HANDLER_DURATION.labels(route.task_type).observe(time.perf_counter() - started)
+            await self._dead_letter(entry, envelope, route, "permanent_error", _describe(e))
+            return
+        except Exception as e:
+            metrics.HANDLER_DURATION.labels(route.task_type).observe(time.perf_counter() - started)
+            error = f"timed out after {timeout}s" if isinstance(e, TimeoutError) else _describe(e)
+            if entry.deliveries >= max_attempts:
+                await self._dead_letter(entry, envelope, route, "max_attempts", error)
+                return
+            await asyncio.shield(self.queue.park_for_retry([entry.id]))
+            metrics.TASKS.labels(route.task_type, "retried").inc()
+            logger.warning(
+                "task_failed_will_retry",
+                extra={
+                    "event_id": envelope.event_id,
+                    "task": route.task_type,
+                    "attempt": entry.deliveries,
+                    "error": error,
+                },
+            )
+            return
+        now = time.perf_counter()
+        metrics.HANDLER_DURATION.labels(route.task_type).observe(now - started)
+        metrics.END_TO_END.labels(route.task_type).observe(
+            max(0.0, (datetime.now(UTC) - envelope.created_at).total_seconds())
+        )
+        metrics.TASKS.labels(route.task_type, "done").inc()
+        self._acks.append((entry.id, envelope.event_id))
+        self._ack_ready.set()
+
+    async def _dead_letter(
+        self,
+        entry: Entry,
+        envelope: Envelope | None,
+        route: Route | None,
+        reason: str,
+        error: str,
+    ) -> None:
+        task_type = envelope.type if envelope else None
+        event_id = envelope.event_id if envelope else None
+
+        async def record() -> None:
+            # Postgres first: the reconciler must not publish again an event given up on.
+            if event_id is not None:
+                await self.pool.execute(_MARK_DEAD, event_id, f"{reason}: {error}"[:2000])
+            await self.queue.dead_letter(
+                entry, reason=reason, error=error, event_id=event_id, task_type=task_type
+            )
+
+        await asyncio.shield(record())
+        label = route.task_type if route else "unroutable"
+        metrics.TASKS.labels(label, "dead_lettered").inc()
+        logger.error(
+            "task_dead_lettered",
+            extra={
+                "entry_id": entry.id,
+                "event_id": event_id,
+                "task_type": task_type,
+                "reason": reason,
+                "error": error,
+                "attempts": entry.deliveries,
+            },
+        )
+
+    async def _flush_acks(self) -> None:
+        """Record completion in Postgres, then XACK: never the other way round."""
+        self._ack_ready.clear()
+        if not self._acks:
+            return
+        batch, self._acks = self._acks, []
+        try:
+            event_ids = [eid for _, eid in batch if eid]
+            if event_ids:
+                await self.pool.execute(_MARK_COMPLETED, event_ids)
+            await self.queue.ack([sid for sid, _ in batch])
+        except BaseException:
+            self._acks[:0] = batch
+            self._ack_ready.set()
+            raise
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -1,0 +1,30 @@
+"""The worker's Prometheus metrics. Labels are bounded: task types come from the router."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TASKS = Counter("worker_tasks", "Tasks by type and outcome.", ["task", "outcome"])
+HANDLER_DURATION = Histogram(
+    "worker_handler_duration_seconds",
+    "Handler run time by task type.",
+    ["task"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+END_TO_END = Histogram(
+    "worker_end_to_end_latency_seconds",
+    "From the outbox row's commit to the handler's completion.",
+    ["task"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+STREAM_LENGTH = Gauge("worker_stream_length", "Entries in the queue's stream.")
+PENDING = Gauge("worker_pending_entries", "Entries delivered and not yet acknowledged.")
+OLDEST_PENDING_AGE = Gauge(
+    "worker_oldest_pending_age_seconds", "Age of the oldest pending entry (0 when none)."
+)
+GROUP_LAG = Gauge(
+    "worker_group_lag", "Entries not yet delivered to the group (-1: Redis < 7 does not say)."
+)
+DEAD_LETTERS = Gauge("worker_dead_letters", "Entries in the dead-letter stream.")
+CONSUMERS = Gauge("worker_consumers", "Consumers in the group.")
+IN_FLIGHT = Gauge("worker_in_flight", "Tasks this process is running now.")

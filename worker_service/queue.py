@@ -1,0 +1,286 @@
+"""The Redis side of one queue: its stream, consumer group and dead-letter stream.
+
+Failed entries wait out their retry backoff parked under a reserved consumer name
+(RETRY_PARKING_CONSUMER): moving them there with XCLAIM ... JUSTID resets their idle time
+without counting a delivery, so "idle for longer than the backoff of its delivery count"
+is exactly when a parked entry is due again. Entries held by live workers never look idle
+for long, because workers renew their claims; those of a crashed worker do, and are taken
+over after the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared.constants import (
+    CONSUMER_GROUP,
+    ENVELOPE_FIELD,
+    RETRY_PARKING_CONSUMER,
+    dead_letter_key,
+    dedupe_key,
+    stream_key,
+)
+
+Fields = dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    fields: Fields | None  # None: the entry was deleted from the stream (trimmed)
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingInfo:
+    id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+def retry_delay(entry_id: str, deliveries: int, base: float, cap: float) -> float:
+    """Backoff before delivery number `deliveries + 1`, with jitter that is stable per entry.
+
+    The jitter is seeded by (entry, delivery), so every scan of the parked entries computes
+    the same due time and several workers agree on it.
+    """
+    exp = min(cap, base * (2 ** min(deliveries - 1, 32)))
+    seed = hashlib.blake2b(f"{entry_id}:{deliveries}".encode(), digest_size=8).digest()
+    return random.Random(seed).uniform(exp / 2, exp)
+
+
+def entry_time(entry_id: str) -> float:
+    """The Unix time (seconds) in a stream id."""
+    return int(entry_id.split("-", 1)[0]) / 1000
+
+
+def _sid(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
+
+
+class StreamQueue:
+    def __init__(self, redis: aioredis.Redis, queue: str, group: str = CONSUMER_GROUP) -> None:
+        # redis-py types replies as unions of every protocol's shapes; this module parses
+        # the RESP2 replies itself, so the client is used untyped here.
+        self.redis: Any = redis
+        self.queue = queue
+        self.group = group
+        self.stream = stream_key(queue)
+        self.dead = dead_letter_key(queue)
+
+    async def ensure_group(self) -> bool:
+        """Create the group (and the stream) if missing; True if it was created.
+
+        The group starts at 0, not $: entries added before it existed (after a Redis
+        restart, by the relay's republishing) are work too.
+        """
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" in str(e):
+                return False
+            raise
+        return True
+
+    async def read(self, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
+        """New entries for this consumer (XREADGROUP >)."""
+        reply = await self.redis.xreadgroup(
+            self.group, consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        return [Entry(_sid(i), f, 1) for i, f in reply[0][1]]
+
+    async def read_own_pending(self, consumer: str, count: int) -> list[Entry]:
+        """This consumer's pending entries (XREADGROUP 0), with their delivery counts."""
+        reply = await self.redis.xreadgroup(self.group, consumer, {self.stream: "0"}, count=count)
+        if not reply or not reply[0][1]:
+            return []
+        entries = reply[0][1]
+        infos = await self.redis.xpending_range(
+            self.stream,
+            self.group,
+            min=_sid(entries[0][0]),
+            max=_sid(entries[-1][0]),
+            count=len(entries),
+            consumername=consumer,
+        )
+        counts = {_sid(p["message_id"]): int(p["times_delivered"]) for p in infos}
+        return [Entry(_sid(i), f or None, counts.get(_sid(i), 1)) for i, f in entries]
+
+    async def pending(
+        self, *, min_idle_ms: int, count: int, consumer: str | None = None, start: str = "-"
+    ) -> list[PendingInfo]:
+        kwargs: dict[str, Any] = {"idle": min_idle_ms}
+        if consumer is not None:
+            kwargs["consumername"] = consumer
+        rows = await self.redis.xpending_range(
+            self.stream, self.group, min=start, max="+", count=count, **kwargs
+        )
+        return [
+            PendingInfo(
+                _sid(r["message_id"]),
+                _sid(r["consumer"]),
+                int(r["time_since_delivered"]),
+                int(r["times_delivered"]),
+            )
+            for r in rows
+        ]
+
+    async def claim(self, consumer: str, claims: list[tuple[str, int, int]]) -> list[Entry]:
+        """XCLAIM each (id, min_idle_ms, deliveries so far); only those still idle come back.
+
+        The min-idle check is done by Redis at the claim, so when two workers race for an
+        entry only one gets it.
+        """
+        if not claims:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, min_idle, _ in claims:
+                pipe.xclaim(self.stream, self.group, consumer, min_idle, [entry_id])
+            replies = await pipe.execute(raise_on_error=True)
+        taken: list[Entry] = []
+        for (entry_id, _, deliveries), reply in zip(claims, replies, strict=True):
+            for item in reply or []:
+                if item is None:  # Redis 6: a deleted entry still in the PEL
+                    taken.append(Entry(entry_id, None, deliveries + 1))
+                    continue
+                sid, fields = item
+                taken.append(Entry(_sid(sid), fields or None, deliveries + 1))
+        return taken
+
+    async def renew(self, consumer: str, ids: list[str]) -> None:
+        """Reset the idle time of entries this consumer holds (no delivery is counted)."""
+        if ids:
+            await self.redis.xclaim(self.stream, self.group, consumer, 0, ids, justid=True)
+
+    async def park_for_retry(self, ids: list[str], *, due_now: bool = False) -> None:
+        """Hand entries to the parking consumer to wait out their backoff.
+
+        due_now: make them look idle for a long time, so they are taken again at once (a
+        worker that stops hands back what it had not finished).
+        """
+        if not ids:
+            return
+        idle = 10**12 if due_now else 0
+        await self.redis.xclaim(
+            self.stream, self.group, RETRY_PARKING_CONSUMER, 0, ids, idle=idle, justid=True
+        )
+
+    async def ack(self, ids: list[str]) -> None:
+        if ids:
+            await self.redis.xack(self.stream, self.group, *ids)
+
+    async def dead_letter(
+        self,
+        entry: Entry,
+        *,
+        reason: str,
+        error: str,
+        event_id: str | None,
+        task_type: str | None,
+    ) -> str:
+        """XADD to the dead-letter stream and XACK the entry, in one MULTI."""
+        fields = entry.fields or {}
+        doc: dict[str, Any] = {
+            "original_id": entry.id,
+            "reason": reason,
+            "error": error[:2000],
+            "attempts": entry.deliveries,
+            "event_id": event_id or "",
+            "task_type": task_type or "",
+            "enqueued_at": datetime.fromtimestamp(entry_time(entry.id), UTC).isoformat(),
+            "failed_at": datetime.now(UTC).isoformat(),
+            # Every original field, so nothing is lost even when the entry was garbage.
+            "fields": orjson.dumps({_text(k): _text(v) for k, v in fields.items()}),
+        }
+        raw = fields.get(ENVELOPE_FIELD.encode())
+        if raw is not None:
+            doc[ENVELOPE_FIELD] = raw
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead, doc)
+            pipe.xack(self.stream, self.group, entry.id)
+            dead_id, _ = await pipe.execute()
+        return _sid(dead_id)
+
+    async def replay_dead(self, dead_id: str, envelope: bytes, event_id: str | None) -> str:
+        """Put a dead letter's envelope back on the stream and delete it, in one MULTI."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.stream, {ENVELOPE_FIELD: envelope})
+            pipe.xdel(self.dead, dead_id)
+            new_id, _ = await pipe.execute()
+        new = _sid(new_id)
+        if event_id:
+            await self.redis.set(dedupe_key(event_id, self.queue), new, keepttl=True)
+        return new
+
+    async def trim_acknowledged(self) -> int:
+        """Delete entries every group has acknowledged (XTRIM MINID); 0 if no group.
+
+        Everything older than both the oldest pending entry and the last entry delivered
+        to a group has been acknowledged by that group, so nothing unfinished is dropped.
+        """
+        try:
+            groups = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:
+            return 0  # no stream
+        if not groups:
+            return 0
+        bounds: list[tuple[int, int]] = []
+        for g in groups:
+            bounds.append(_id_tuple(_sid(g["last-delivered-id"])))
+            if int(g["pending"]):
+                summary = await self.redis.xpending(self.stream, _sid(g["name"]))
+                bounds.append(_id_tuple(_sid(summary["min"])))
+        ms, seq = min(bounds)
+        if (ms, seq) == (0, 0):
+            return 0
+        trimmed: int = await self.redis.xtrim(self.stream, minid=f"{ms}-{seq}", approximate=False)
+        return trimmed
+
+    async def stats(self) -> dict[str, float]:
+        """Stream length, pending, oldest pending age, lag, dead letters, consumers."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.stream)
+            pipe.xpending(self.stream, self.group)
+            pipe.xinfo_groups(self.stream)
+            pipe.xlen(self.dead)
+            replies = await pipe.execute(raise_on_error=False)
+        length, summary, groups, dead = replies
+        out: dict[str, float] = {
+            "stream_length": length if isinstance(length, int) else 0,
+            "dead_letters": dead if isinstance(dead, int) else 0,
+            "pending": 0,
+            "oldest_pending_age": 0.0,
+            "lag": -1,
+            "consumers": 0,
+        }
+        if isinstance(summary, dict) and summary.get("pending"):
+            out["pending"] = int(summary["pending"])
+            out["oldest_pending_age"] = max(0.0, time.time() - entry_time(_sid(summary["min"])))
+        if isinstance(groups, list):
+            for g in groups:
+                if _sid(g["name"]) == self.group:
+                    out["consumers"] = int(g["consumers"])
+                    lag = g.get("lag")
+                    out["lag"] = int(lag) if lag is not None else -1
+        return out
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,52 @@
+"""The worker's settings (environment variables, validated at start)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field, model_validator
+
+from shared.settings import CommonSettings
+
+
+def default_consumer_name() -> str:
+    # Unique per process, and stable across restarts of one container (pid 1 there), so
+    # that a restarted worker re-reads its own pending entries first.
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(CommonSettings):
+    consumer_name: str = Field(default_factory=default_consumer_name, alias="WORKER_CONSUMER_NAME")
+    concurrency: int = Field(64, ge=1, le=10_000, alias="WORKER_CONCURRENCY")
+    read_count: int = Field(500, ge=1, le=10_000, alias="WORKER_READ_COUNT")
+    block_ms: int = Field(1000, ge=1, le=60_000, alias="WORKER_BLOCK_MS")
+    max_attempts: int = Field(8, ge=1, le=1000, alias="WORKER_MAX_ATTEMPTS")
+    retry_backoff_base_seconds: float = Field(1.0, gt=0, alias="WORKER_RETRY_BACKOFF_BASE_SECONDS")
+    retry_backoff_max_seconds: float = Field(300.0, gt=0, alias="WORKER_RETRY_BACKOFF_MAX_SECONDS")
+    task_timeout_seconds: float = Field(60.0, gt=0, alias="WORKER_TASK_TIMEOUT_SECONDS")
+    visibility_timeout_seconds: float = Field(30.0, gt=0, alias="VISIBILITY_TIMEOUT_SECONDS")
+    reclaim_interval_seconds: float = Field(1.0, gt=0, alias="WORKER_RECLAIM_INTERVAL_SECONDS")
+    maintenance_interval_seconds: float = Field(
+        5.0, gt=0, alias="WORKER_MAINTENANCE_INTERVAL_SECONDS"
+    )
+    consumer_idle_cleanup_seconds: float = Field(
+        3600.0, gt=0, alias="WORKER_CONSUMER_IDLE_CLEANUP_SECONDS"
+    )
+    metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
+    metrics_port: int = Field(9102, ge=0, le=65535, alias="METRICS_PORT")
+
+    model_config = CommonSettings.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerSettings:
+        if self.retry_backoff_max_seconds < self.retry_backoff_base_seconds:
+            raise ValueError("WORKER_RETRY_BACKOFF_MAX_SECONDS must be >= the base")
+        if self.consumer_name.startswith("__"):
+            raise ValueError("WORKER_CONSUMER_NAME must not start with '__' (reserved)")
+        return self
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Claims are renewed three times per visibility timeout."""
+        return self.visibility_timeout_seconds / 3
