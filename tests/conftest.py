@@ -62,9 +62,7 @@ def smtp_sink(workdir: Path) -> Iterator[SmtpSink]:
 
 
 @pytest.fixture
-async def clean(
-    pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
-) -> None:
+async def clean(pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink) -> None:
     """Empty tables, Redis and mailbox before the test."""
     if pg_server.proc is None:
         pg_server.start()

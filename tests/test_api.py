@@ -72,9 +72,7 @@ async def test_taken_username_and_email_are_409_and_roll_back(
     assert same_name.status == 409
     assert same_name.content_type == PROBLEM
     assert (await same_name.json())["type"] == "/problems/username-taken"
-    same_email = await client.post(
-        "/v1/users", json=signup_body(2, email="USER1@example.com")
-    )
+    same_email = await client.post("/v1/users", json=signup_body(2, email="USER1@example.com"))
     assert same_email.status == 409
     assert (await same_email.json())["type"] == "/problems/email-taken"
     # The failed transactions left no outbox rows behind.
@@ -130,8 +128,11 @@ async def test_invalid_fields_are_422_naming_the_field(
 ) -> None:
     body = signup_body(1)
     body[field] = value
-    resp = await client.post("/v1/users", data=orjson.dumps(body) if not isinstance(value, int)
-                             else _big_json(body), headers={"Content-Type": "application/json"})
+    resp = await client.post(
+        "/v1/users",
+        data=orjson.dumps(body) if not isinstance(value, int) else _big_json(body),
+        headers={"Content-Type": "application/json"},
+    )
     assert resp.status == 422
     problem = await resp.json()
     assert problem["type"] == "/problems/validation-error"
@@ -144,7 +145,9 @@ async def test_invalid_fields_are_422_naming_the_field(
 
 def _big_json(body: dict[str, Any]) -> bytes:
     # orjson refuses integers beyond 64 bits, so write such bodies by hand.
-    parts = [f'"{k}": {v if isinstance(v, int) else orjson.dumps(v).decode()}' for k, v in body.items()]
+    parts = [
+        f'"{k}": {v if isinstance(v, int) else orjson.dumps(v).decode()}' for k, v in body.items()
+    ]
     return ("{" + ", ".join(parts) + "}").encode()
 
 
@@ -154,8 +157,8 @@ async def test_unknown_and_missing_fields_are_422(client: TestClient[Any, Any]) 
     names = {p["name"]: p["reason"] for p in (await resp.json())["invalid-params"]}
     assert names == {"is_admin": "unknown field"}
     resp = await client.post("/v1/users", json={"username": "abc"})
-    names = {p["name"] for p in (await resp.json())["invalid-params"]}
-    assert names == {"full_name", "email", "password"}
+    missing = {p["name"] for p in (await resp.json())["invalid-params"]}
+    assert missing == {"full_name", "email", "password"}
     resp = await client.post("/v1/users", json=[1, 2])
     assert resp.status == 422
 
@@ -206,7 +209,9 @@ async def _make_code(pool: asyncpg.Pool[Any], code: str, minutes: float = 15) ->
 
 async def test_verify_email_once(client: TestClient[Any, Any], pool: asyncpg.Pool[Any]) -> None:
     email_id = await _make_code(pool, "good-code")
-    wrong = await client.get("/v1/verify_email", params={"email_id": email_id, "secret_code": "bad"})
+    wrong = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "bad"}
+    )
     assert wrong.status == 400
     assert (await wrong.json())["type"] == "/problems/invalid-verification-code"
     ok = await client.get(
@@ -232,9 +237,13 @@ async def test_verify_email_expired(client: TestClient[Any, Any], pool: asyncpg.
 
 
 async def test_verify_email_bad_params_are_422(client: TestClient[Any, Any]) -> None:
-    for params in ({}, {"email_id": "abc", "secret_code": "x"}, {"email_id": "1"},
-                   {"email_id": str(2**70), "secret_code": "x"},
-                   {"email_id": "1", "secret_code": "x" * 500}):
+    for params in (
+        {},
+        {"email_id": "abc", "secret_code": "x"},
+        {"email_id": "1"},
+        {"email_id": str(2**70), "secret_code": "x"},
+        {"email_id": "1", "secret_code": "x" * 500},
+    ):
         resp = await client.get("/v1/verify_email", params=params)
         assert resp.status == 422, params
 

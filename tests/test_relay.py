@@ -1,0 +1,275 @@
+"""The relay against real Postgres and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from devstack.postgres import PostgresServer
+from devstack.redis import RedisServer
+from relay.listener import Listener
+from relay.maintenance import refresh_backlog_gauges
+from relay.publisher import RelayLoop, to_row
+from relay.reconciler import Reconciler
+from relay.retention import purge_completed
+from relay.settings import RelaySettings
+from shared.constants import dedupe_key, stream_key
+from shared.envelope import Envelope
+from shared.outbox import enqueue
+from tests.helpers import eventually
+
+
+def relay_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> RelaySettings:
+    return RelaySettings(database_url=pg.dsn, redis_url=rs.url, **kw)
+
+
+async def add_events(pool: asyncpg.Pool[Any], n: int, queue: str = "default") -> list[str]:
+    ids = []
+    async with pool.acquire() as conn, conn.transaction():
+        for i in range(n):
+            ids.append(str(await enqueue(conn, "t", {"i": i}, queue=queue)))
+    return ids
+
+
+async def stream_events(redis: aioredis.Redis, queue: str = "default") -> list[Envelope]:
+    entries = await redis.xrange(stream_key(queue))
+    return [Envelope.decode(fields) for _, fields in entries]
+
+
+@pytest.fixture
+def settings(pg_server: PostgresServer, redis_server: RedisServer) -> RelaySettings:
+    return relay_settings(pg_server, redis_server, batch_size=100)
+
+
+async def test_publishes_every_row_once_and_marks_it(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    ids = await add_events(pool, 250)
+    relay = RelayLoop(pool, redis, settings)
+    assert await relay.run_once() is True  # a full batch: more may wait
+    assert await relay.run_once() is True
+    assert await relay.run_once() is False  # 50 < 100
+    assert await relay.run_once() is False  # nothing left
+    events = await stream_events(redis)
+    assert [e.event_id for e in events] == ids
+    assert events[0].payload == {"i": 0}
+    rows = await pool.fetch("SELECT published_at, stream_id FROM outbox")
+    assert all(r["published_at"] is not None and r["stream_id"] for r in rows)
+
+
+async def test_crash_between_xadd_and_commit_does_not_publish_twice(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    await add_events(pool, 10)
+    relay = RelayLoop(pool, redis, settings)
+    # The XADDs happen, then the transaction dies before the rows are marked.
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        recs = await conn.fetch("SELECT * FROM outbox FOR UPDATE")
+        first_ids = await relay.publisher.publish([to_row(r) for r in recs])
+        await tx.rollback()
+    assert await redis.xlen(stream_key()) == 10
+    await relay.run_once()  # the next relay takes the same rows
+    assert await redis.xlen(stream_key()) == 10  # found by their dedupe keys
+    marked = [r["stream_id"] for r in await pool.fetch("SELECT stream_id FROM outbox ORDER BY id")]
+    assert marked == first_ids
+
+
+async def test_two_relays_never_publish_a_row_twice(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    ids = await add_events(pool, 2000)
+    s = relay_settings(pg_server, redis_server, batch_size=50)
+    a, b = RelayLoop(pool, redis, s), RelayLoop(pool, redis, s)
+
+    async def drain(relay: RelayLoop) -> int:
+        batches = 0
+        while await relay.run_once():
+            batches += 1
+        return batches
+
+    batches = await asyncio.gather(drain(a), drain(b))
+    assert all(n > 0 for n in batches), "both relays should have shared the work"
+    events = await stream_events(redis)
+    assert sorted(e.event_id for e in events) == sorted(ids)
+    assert len({e.event_id for e in events}) == len(events)
+
+
+async def test_row_committed_out_of_order_is_not_skipped(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    relay = RelayLoop(pool, redis, settings)
+    async with pool.acquire() as slow:
+        tx = slow.transaction()
+        await tx.start()
+        slow_id = await enqueue(slow, "t", {"slow": True})  # takes the lower id
+        fast = await add_events(pool, 1)  # commits first with a higher id
+        await relay.run_once()
+        assert [e.event_id for e in await stream_events(redis)] == fast
+        await tx.commit()
+    await relay.run_once()
+    published = [e.event_id for e in await stream_events(redis)]
+    assert published == [*fast, str(slow_id)]
+
+
+async def test_one_row_redis_refuses_does_not_block_the_rest(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    # A key of the wrong type where queue "broken" keeps its stream: XADD there fails.
+    await redis.set(stream_key("broken"), "not a stream")
+    good = await add_events(pool, 5)
+    bad = await add_events(pool, 1, queue="broken")
+    good += await add_events(pool, 5)
+    relay = RelayLoop(pool, redis, settings)
+    await relay.run_once()
+    assert [e.event_id for e in await stream_events(redis)] == good
+    row = await pool.fetchrow("SELECT * FROM outbox WHERE event_id = $1", uuid.UUID(bad[0]))
+    assert row is not None
+    assert row["published_at"] is None
+    assert row["publish_attempts"] == 1
+    assert "WRONGTYPE" in row["last_error"]
+    assert row["available_at"] > row["created_at"]  # backed off, not retried in a hot loop
+    # Once Redis takes it, it goes through.
+    await redis.delete(stream_key("broken"))
+    await pool.execute("UPDATE outbox SET available_at = now()")
+    await relay.run_once()
+    assert [e.event_id for e in await stream_events(redis, "broken")] == bad
+
+
+async def test_notify_wakes_the_relay_without_waiting_for_the_poll(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    s = relay_settings(pg_server, redis_server, poll_interval_seconds=300)
+    relay = RelayLoop(pool, redis, s)
+    listener = Listener(pg_server.dsn, relay.wake)
+    await listener.start()
+    await relay.start()
+    try:
+        await eventually(lambda: _true(listener.connected))
+        ids = await add_events(pool, 3)
+
+        async def published() -> bool:
+            return await redis.xlen(stream_key()) == 3
+
+        await eventually(published, timeout=5)
+        assert [e.event_id for e in await stream_events(redis)] == ids
+    finally:
+        await relay.stop()
+        await listener.stop()
+        await listener.stop()  # stop is idempotent
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_stop_before_start_is_safe(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    relay = RelayLoop(pool, redis, settings)
+    await relay.stop()
+    await relay.stop()
+
+
+async def test_redis_down_backs_off_and_loses_nothing(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+    settings: RelaySettings,
+) -> None:
+    ids = await add_events(pool, 20)
+    relay = RelayLoop(pool, redis, settings)
+    redis_server.stop()
+    try:
+        with pytest.raises(RedisConnectionError):
+            await relay.run_once()
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 20
+        # The loop keeps going with backoff instead of dying.
+        await relay.start()
+        await eventually(lambda: _true(relay.failures >= 2), timeout=10)
+        assert relay.running
+    finally:
+        redis_server.start()
+    await eventually(lambda: _count_unpublished_is(pool, 0), timeout=15)
+    await relay.stop()
+    fresh = aioredis.Redis.from_url(redis_server.url)
+    assert [e.event_id for e in await stream_events(fresh)] == ids
+    await fresh.aclose()
+
+
+async def _count_unpublished_is(pool: asyncpg.Pool[Any], n: int) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == n)
+
+
+async def test_reconciler_republishes_events_redis_lost(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    ids = await add_events(pool, 30)
+    relay = RelayLoop(pool, redis, settings)
+    await relay.run_once()
+    # 10 completed, 20 still in flight; then Redis loses everything.
+    await pool.execute(
+        "UPDATE outbox SET completed_at = now() WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)"
+    )
+    await redis.flushall()
+    reconciler = Reconciler(pool, redis, relay.publisher, after_seconds=0.0, page_size=7)
+    total = 0
+    for _ in range(5):
+        total += await reconciler.run_once()
+    assert total == 20
+    republished = [e.event_id for e in await stream_events(redis)]
+    assert sorted(republished) == sorted(ids[10:])
+    # Present now: another pass publishes nothing more.
+    for _ in range(5):
+        assert await reconciler.run_once() == 0
+    assert await redis.xlen(stream_key()) == 20
+    # The dedupe keys point at the new entries.
+    sid = await redis.get(dedupe_key(ids[10]))
+    assert sid is not None
+
+
+async def test_reconciler_leaves_young_and_finished_events_alone(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    await add_events(pool, 5)
+    relay = RelayLoop(pool, redis, settings)
+    await relay.run_once()
+    await redis.flushall()
+    reconciler = Reconciler(pool, redis, relay.publisher, after_seconds=3600)
+    assert await reconciler.run_once() == 0
+    await pool.execute("UPDATE outbox SET dead_lettered_at = now()")
+    reconciler.after_seconds = 0
+    assert await reconciler.run_once() == 0
+
+
+async def test_retention_purges_only_old_completed_rows(pool: asyncpg.Pool[Any]) -> None:
+    await add_events(pool, 30)
+    await pool.execute(
+        "UPDATE outbox SET published_at = now(), completed_at = now() - interval '2 days'"
+        " WHERE id <= 20"
+    )
+    await pool.execute("UPDATE outbox SET published_at = now() WHERE id > 25")
+    assert await purge_completed(pool, 86_400, batch=7) == 20
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 10
+
+
+async def test_backlog_gauges(pool: asyncpg.Pool[Any]) -> None:
+    assert await refresh_backlog_gauges(pool) == (0, 0.0)
+    await add_events(pool, 4)
+    await pool.execute("UPDATE outbox SET available_at = now() - interval '90 seconds'")
+    backlog, oldest = await refresh_backlog_gauges(pool)
+    assert backlog == 4
+    assert 89 < oldest < 120
