@@ -38,7 +38,8 @@ async def add_events(pool: asyncpg.Pool[Any], n: int, queue: str = "default") ->
 
 
 async def stream_events(redis: aioredis.Redis, queue: str = "default") -> list[Envelope]:
-    entries = await redis.xrange(stream_key(queue))
+    client: Any = redis
+    entries = await client.xrange(stream_key(queue))
     return [Envelope.decode(fields) for _, fields in entries]
 
 

@@ -17,11 +17,13 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from shared.constants import RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
@@ -68,7 +70,8 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._acks: list[tuple[str, str | None]] = []  # (entry id, event id)
         self._ack_ready = asyncio.Event()
-        self._stopping = asyncio.Event()
+        self._stopping = asyncio.Event()  # set: take no new work
+        self._closing = asyncio.Event()  # set: the loops end (after in-flight work)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._app_started = False
@@ -91,13 +94,19 @@ class Worker:
         await self.setup()
         # Entries this consumer name held before a restart come first.
         await self._take(await self.queue.read_own_pending(self.consumer, self.settings.read_count))
-        loops = {
-            "fetch": self._fetch_loop,
-            "ack": self._ack_loop,
-            "heartbeat": self._heartbeat_loop,
-            "reclaim": self._reclaim_loop,
+        # Fetching and reclaiming end when the worker stops taking work; acks and claim
+        # renewals go on until the work in flight is over.
+        steps = {
+            "fetch": (self._fetch_step, self._stopping),
+            "reclaim": (self._reclaim_step, self._stopping),
+            "ack": (self._ack_step, self._closing),
+            "heartbeat": (self._heartbeat_step, self._closing),
         }
-        self._tasks = [asyncio.create_task(fn(), name=f"worker-{n}") for n, fn in loops.items()]
+        self._closing.clear()
+        self._tasks = [
+            asyncio.create_task(self._supervise(name, step, until), name=f"worker-{name}")
+            for name, (step, until) in steps.items()
+        ]
         logger.info("worker_started", extra={"consumer": self.consumer, "queue": self.queue.queue})
 
     @property
@@ -113,10 +122,15 @@ class Worker:
         self._stopping.set()
         self._slot_free.set()
         loops, self._tasks = self._tasks, []
-        fetch = [t for t in loops if t.get_name() == "worker-fetch"]
-        await asyncio.gather(*fetch, return_exceptions=True)
+        # A read in progress returns within block_ms; what it brings is run like the rest.
+        takers = loops[:2]
+        _done, late = await asyncio.wait(takers, timeout=self.settings.block_ms / 1000 + 1)
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*takers, return_exceptions=True)
         stuck: list[str] = []
         if self._inflight:
+            # Claims are still renewed meanwhile: the heartbeat runs until _closing.
             _done, pending = await asyncio.wait(list(self._inflight.values()), timeout=grace)
             if pending:
                 stuck = [eid for eid, t in self._inflight.items() if t in pending]
@@ -124,7 +138,10 @@ class Worker:
                 for t in pending:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-        for t in loops:
+        self._closing.set()
+        self._ack_ready.set()
+        _done, still = await asyncio.wait(loops[2:], timeout=5)
+        for t in still:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await asyncio.shield(self._flush_acks())
@@ -158,85 +175,65 @@ class Worker:
 
     # -- loops -------------------------------------------------------------------------
 
-    async def _fetch_loop(self) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            free = self.settings.concurrency - len(self._inflight)
-            if free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
-                continue
-            try:
-                entries = await self.queue.read(
-                    self.consumer, min(free, self.settings.read_count), self.settings.block_ms
-                )
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                failures += 1
-                LOOP_ERRORS.labels("worker-fetch").inc()
-                if "NOGROUP" in str(e):
-                    # Redis lost the group (restart without data): make it again.
-                    logger.warning("worker_group_missing")
-                    with contextlib.suppress(Exception):
-                        await self.queue.ensure_group()
-                else:
-                    logger.exception("worker_read_failed", extra={"failures": failures})
-                await self._pause(backoff_delay(failures, 0.1, 5.0))
-                continue
-            await self._take(entries)
+    async def _supervise(
+        self, name: str, step: Callable[[], Awaitable[None]], until: asyncio.Event
+    ) -> None:
+        """Run step() until `until` is set: errors are logged, counted and backed off.
 
-    async def _ack_loop(self) -> None:
+        The loop ends on the flag, not only on cancellation: redis-py may turn a
+        cancellation in the middle of a command into a ConnectionError.
+        """
         failures = 0
-        while True:
-            await self._ack_ready.wait()
+        while not until.is_set():
             try:
-                await asyncio.shield(self._flush_acks())
+                await step()
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if until.is_set():
+                    break
                 failures += 1
-                LOOP_ERRORS.labels("worker-ack").inc()
-                logger.exception("worker_ack_failed", extra={"failures": failures})
-                await asyncio.sleep(backoff_delay(failures, 0.1, 5.0))
+                LOOP_ERRORS.labels(f"worker-{name}").inc()
+                logger.exception("worker_loop_failed", extra={"loop": name, "failures": failures})
+                await self._pause(backoff_delay(failures, 0.1, 10.0), until)
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            ids = list(self._inflight) + [a[0] for a in self._acks]
-            try:
-                await self.queue.renew(self.consumer, ids)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                LOOP_ERRORS.labels("worker-heartbeat").inc()
-                logger.exception("worker_heartbeat_failed")
-
-    async def _reclaim_loop(self) -> None:
-        failures = 0
-        while True:
-            await asyncio.sleep(
-                self.settings.reclaim_interval_seconds
-                if not failures
-                else backoff_delay(failures, 0.5, 10.0)
+    async def _fetch_step(self) -> None:
+        free = self.settings.concurrency - len(self._inflight)
+        if free <= 0:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+            return
+        try:
+            entries = await self.queue.read(
+                self.consumer, min(free, self.settings.read_count), self.settings.block_ms
             )
-            if self.settings.concurrency - len(self._inflight) <= 0:
-                continue
-            try:
-                await self._take(await self.reclaim_once())
-                failures = 0
-            except asyncio.CancelledError:
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
                 raise
-            except Exception:
-                failures += 1
-                LOOP_ERRORS.labels("worker-reclaim").inc()
-                logger.exception("worker_reclaim_failed", extra={"failures": failures})
+            # Redis lost the group (a restart without its data): make it again.
+            logger.warning("worker_group_missing")
+            await self.queue.ensure_group()
+            return
+        await self._take(entries)
 
-    async def _pause(self, seconds: float) -> None:
+    async def _ack_step(self) -> None:
+        await self._ack_ready.wait()
+        await asyncio.shield(self._flush_acks())
+
+    async def _heartbeat_step(self) -> None:
+        await self._pause(self.settings.heartbeat_interval, self._closing)
+        await self.queue.renew(self.consumer, list(self._inflight) + [a[0] for a in self._acks])
+
+    async def _reclaim_step(self) -> None:
+        await self._pause(self.settings.reclaim_interval_seconds, self._stopping)
+        if not self._stopping.is_set():
+            await self._take(await self.reclaim_once())
+
+    @staticmethod
+    async def _pause(seconds: float, until: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await asyncio.wait_for(until.wait(), seconds)
 
     # -- reclaiming --------------------------------------------------------------------
 

@@ -1,0 +1,520 @@
+"""The worker's delivery mechanics against real Redis and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.postgres import PostgresServer
+from devstack.redis import RedisServer
+from relay.publisher import RelayLoop
+from relay.settings import RelaySettings
+from shared.constants import CONSUMER_GROUP, RETRY_PARKING_CONSUMER, dead_letter_key, stream_key
+from shared.errors import PermanentError
+from shared.outbox import enqueue
+from worker_service.consumer import Worker
+from worker_service.maintenance import refresh_gauges, remove_gone_consumers
+from worker_service.queue import StreamQueue
+from worker_service.router import Router, TaskContext
+from worker_service.settings import WorkerSettings
+from tests.helpers import eventually
+
+STREAM = stream_key()
+DEAD = dead_letter_key()
+
+
+class Recorder:
+    """A router whose handlers record calls and fail on demand."""
+
+    def __init__(self) -> None:
+        self.router = Router()
+        self.calls: list[tuple[str, int]] = []
+        self.fail_times: dict[str, int] = {}
+        self.sleep = 0.0
+        self.running = 0
+        self.max_running = 0
+
+        @self.router.handler("t")
+        async def handle(ctx: TaskContext) -> None:
+            self.calls.append((str(ctx.payload["i"]), ctx.attempt))
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            try:
+                if self.sleep:
+                    await asyncio.sleep(self.sleep)
+                key = str(ctx.payload["i"])
+                if self.fail_times.get(key, 0) > 0:
+                    self.fail_times[key] -= 1
+                    raise RuntimeError(f"boom {key}")
+            finally:
+                self.running -= 1
+
+        @self.router.handler("permanent")
+        async def permanent(ctx: TaskContext) -> None:
+            raise PermanentError("cannot ever work")
+
+        @self.router.handler("slow", timeout=0.2)
+        async def slow(ctx: TaskContext) -> None:
+            await asyncio.sleep(5)
+
+
+def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSettings:
+    base: dict[str, Any] = {
+        "database_url": pg.dsn,
+        "redis_url": rs.url,
+        "consumer_name": "w1",
+        "retry_backoff_base_seconds": 0.05,
+        "retry_backoff_max_seconds": 0.2,
+        "max_attempts": 3,
+        "reclaim_interval_seconds": 0.05,
+        "block_ms": 100,
+    }
+    base.update(kw)
+    return WorkerSettings(**base)
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def publish(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> AsyncIterator[Any]:
+    relay = RelayLoop(
+        pool, redis, RelaySettings(database_url=pg_server.dsn, redis_url=redis_server.url)
+    )
+
+    async def _publish(n: int, task: str = "t", start: int = 0) -> list[str]:
+        async with pool.acquire() as conn, conn.transaction():
+            ids = [str(await enqueue(conn, task, {"i": start + i})) for i in range(n)]
+        while await relay.run_once():
+            pass
+        return ids
+
+    yield _publish
+
+
+async def pending_count(redis: aioredis.Redis) -> int:
+    client: Any = redis
+    summary = await client.xpending(STREAM, CONSUMER_GROUP)
+    return int(summary["pending"])
+
+
+async def dead_letters(redis: aioredis.Redis) -> list[dict[str, str]]:
+    client: Any = redis
+    return [
+        {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
+        for _, fields in await client.xrange(DEAD)
+    ]
+
+
+async def test_done_records_completion_then_acks(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(20)
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.setup()
+    assert await worker.run_once() == 20
+    assert sorted(int(i) for i, _ in rec.calls) == list(range(20))
+    assert all(attempt == 1 for _, attempt in rec.calls)
+    assert await pending_count(redis) == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE completed_at IS NULL") == 0
+
+
+async def test_runs_entries_concurrently_up_to_the_limit(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(30)
+    rec.sleep = 0.1
+    s = worker_settings(pg_server, redis_server, concurrency=8)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(len(rec.calls) == 30 and rec.running == 0))
+        await eventually(lambda: _pending_is(redis, 0))
+    finally:
+        await worker.stop()
+    assert rec.max_running == 8
+
+
+async def _is(value: bool) -> bool:
+    return value
+
+
+async def _pending_is(redis: aioredis.Redis, n: int) -> bool:
+    return await pending_count(redis) == n
+
+
+async def test_failed_entry_is_retried_after_backoff_then_done(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(3)
+    rec.fail_times = {"1": 2}
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.start()
+    try:
+        await eventually(lambda: _is(("1", 3) in rec.calls))
+        await eventually(lambda: _pending_is(redis, 0))
+    finally:
+        await worker.stop()
+    attempts = [a for i, a in rec.calls if i == "1"]
+    assert attempts == [1, 2, 3]  # the delivery counter is the attempt number
+    assert Counter(i for i, _ in rec.calls) == {"0": 1, "1": 3, "2": 1}
+    assert await dead_letters(redis) == []
+
+
+async def test_backoff_is_respected(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(1)
+    rec.fail_times = {"0": 1}
+    s = worker_settings(
+        pg_server, redis_server, retry_backoff_base_seconds=1.0, retry_backoff_max_seconds=1.0
+    )
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    started = time.monotonic()
+    await worker.run_once()
+    assert rec.calls == [("0", 1)]
+    while len(rec.calls) < 2:
+        await worker.run_once(block_ms=20)
+    # Jitter keeps the delay in [base/2, base].
+    assert time.monotonic() - started >= 0.5
+    assert rec.calls[1] == ("0", 2)
+
+
+async def test_last_attempt_goes_to_dead_letters_with_the_reason(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    (event_id,) = await publish(1)
+    rec.fail_times = {"0": 99}
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.start()
+    try:
+        await eventually(lambda: _dead_count_is(redis, 1))
+    finally:
+        await worker.stop()
+    (dead,) = await dead_letters(redis)
+    assert dead["reason"] == "max_attempts"
+    assert dead["attempts"] == "3"
+    assert dead["event_id"] == event_id
+    assert dead["task_type"] == "t"
+    assert "RuntimeError: boom 0" in dead["error"]
+    assert dead["original_id"]
+    assert dead["failed_at"] and dead["enqueued_at"]
+    assert orjson.loads(dead["e"])["id"] == event_id
+    assert len(rec.calls) == 3
+    assert await pending_count(redis) == 0  # XACKed with the XADD
+    row = await pool.fetchrow("SELECT dead_lettered_at, last_error, completed_at FROM outbox")
+    assert row is not None
+    assert row["dead_lettered_at"] is not None
+    assert row["completed_at"] is None
+    assert "boom" in row["last_error"]
+
+
+async def _dead_count_is(redis: aioredis.Redis, n: int) -> bool:
+    return int(await redis.xlen(DEAD)) == n
+
+
+async def test_permanent_error_unknown_type_and_garbage_dead_letter_at_once(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(5, start=0)
+    await publish(1, task="permanent")
+    await publish(1, task="no_such_task")
+    client: Any = redis
+    await client.xadd(STREAM, {"e": b"\xff\xfenot json"})
+    await client.xadd(STREAM, {"other": "field"})
+    await client.xadd(STREAM, {"e": orjson.dumps({"v": 99, "id": "x"})})
+    await publish(5, start=5)
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.setup()
+    await worker.run_once()
+    # The good ones around the poison all ran, once each.
+    assert sorted(int(i) for i, _ in rec.calls) == list(range(10))
+    reasons = Counter(d["reason"] for d in await dead_letters(redis))
+    assert reasons == {"permanent_error": 1, "unknown_type": 1, "undecodable": 3}
+    assert all(d["attempts"] == "1" for d in await dead_letters(redis))
+    assert await pending_count(redis) == 0
+
+
+async def test_task_timeout_counts_as_a_failure(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(1, task="slow")
+    s = worker_settings(pg_server, redis_server, max_attempts=1)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    started = time.monotonic()
+    await worker.run_once()
+    assert time.monotonic() - started < 3  # the 0.2 s route timeout, not the 5 s sleep
+    (dead,) = await dead_letters(redis)
+    assert dead["reason"] == "max_attempts"
+    assert "timed out after 0.2s" in dead["error"]
+
+
+async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(10)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    taken = await q.read("crashed", 10, None)  # delivered to a worker that then died
+    assert len(taken) == 10
+    s = worker_settings(pg_server, redis_server, visibility_timeout_seconds=0.5)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    assert await worker.run_once() == 0  # not yet: they may still be in progress
+    await asyncio.sleep(0.6)
+    assert await worker.run_once() == 10
+    assert sorted(int(i) for i, _ in rec.calls) == list(range(10))
+    assert all(a == 2 for _, a in rec.calls)  # the second delivery of each
+    assert await pending_count(redis) == 0
+
+
+async def test_slow_handler_renews_its_claim_and_runs_once(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(1)
+    rec.sleep = 1.5  # five times the visibility timeout
+    a = Worker(
+        rec.router,
+        pool,
+        redis,
+        worker_settings(pg_server, redis_server, consumer_name="a", visibility_timeout_seconds=0.3),
+    )
+    b = Worker(
+        rec.router,
+        pool,
+        redis,
+        worker_settings(pg_server, redis_server, consumer_name="b", visibility_timeout_seconds=0.3),
+    )
+    await a.start()
+    await eventually(lambda: _is(len(rec.calls) == 1))
+    await b.start()
+    try:
+        await eventually(lambda: _pending_is(redis, 0), timeout=10)
+    finally:
+        await a.stop()
+        await b.stop()
+    assert rec.calls == [("0", 1)]
+    assert rec.max_running == 1
+
+
+async def test_restarted_consumer_reads_its_own_pending_first(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(4)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("w1", 4, None)  # w1 took them, then its container restarted
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.start()
+    try:
+        await eventually(lambda: _pending_is(redis, 0))
+    finally:
+        await worker.stop()
+    assert sorted(int(i) for i, _ in rec.calls) == [0, 1, 2, 3]
+    assert all(a == 2 for _, a in rec.calls)
+
+
+async def test_stop_finishes_in_flight_within_grace_and_hands_back_the_rest(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(2)
+    rec.sleep = 3.0
+    a = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, consumer_name="a"))
+    await a.start()
+    await eventually(lambda: _is(rec.running == 2))
+    started = time.monotonic()
+    await a.stop(grace=0.3)
+    assert time.monotonic() - started < 2
+    assert not a.running
+    client: Any = redis
+    parked = await client.xpending_range(
+        STREAM, CONSUMER_GROUP, "-", "+", 10, consumername=RETRY_PARKING_CONSUMER
+    )
+    assert len(parked) == 2  # handed back, not left to time out
+    rec.sleep = 0
+    b = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, consumer_name="b"))
+    await b.setup()
+    assert await b.run_once() == 2  # taken at once, no visibility timeout to wait
+    assert await pending_count(redis) == 0
+
+
+async def test_stop_waits_for_handlers_that_finish_in_time(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(3)
+    rec.sleep = 0.3
+    w = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await w.start()
+    await eventually(lambda: _is(rec.running == 3))
+    await w.stop(grace=5)
+    assert await pending_count(redis) == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE completed_at IS NOT NULL") == 3
+
+
+async def test_worker_recreates_a_group_redis_lost(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    w = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await w.start()
+    try:
+        await redis.flushall()  # stream and group gone
+        await asyncio.sleep(0.3)
+        await publish(3)
+        await eventually(lambda: _is(len(rec.calls) == 3))
+    finally:
+        await w.stop()
+
+
+async def test_trim_keeps_everything_not_yet_acknowledged(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(10)
+    w = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, read_count=6))
+    await w.setup()
+    q = w.queue
+    await w.run_once()  # 6 done and acked
+    pending_ids = [e.id for e in await q.read("other", 2, None)]  # 2 delivered, unacked
+    trimmed = await q.trim_acknowledged()
+    assert trimmed == 6
+    client: Any = redis
+    left = [sid.decode() for sid, _ in await client.xrange(STREAM)]
+    assert left[:2] == pending_ids
+    assert len(left) == 4  # 2 pending + 2 never delivered
+    stats = await refresh_gauges(q)
+    assert stats["stream_length"] == 4
+    assert stats["pending"] == 2
+    assert stats["consumers"] == 2
+
+
+async def test_gone_consumers_holding_nothing_are_removed(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+) -> None:
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("holder", 1, None)
+    client: Any = redis
+    await client.xgroup_createconsumer(STREAM, CONSUMER_GROUP, "idle")
+    await asyncio.sleep(0.05)
+    removed = await remove_gone_consumers(q, 0.01, me="me")
+    assert removed == ["idle"]  # "holder" keeps its pending entry
+
+
+async def test_unknown_app_and_bad_settings_exit_with_a_message() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "worker_service", "--app", "nope:router"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "DATABASE_URL" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "worker_service", "--app", "nope:router"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATABASE_URL": "postgresql://h/db",
+            "REDIS_URL": "redis://h",
+        },
+    )
+    assert out.returncode == 2
+    assert "No module named 'nope'" in out.stderr
