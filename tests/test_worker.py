@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -20,12 +19,12 @@ from relay.settings import RelaySettings
 from shared.constants import CONSUMER_GROUP, RETRY_PARKING_CONSUMER, dead_letter_key, stream_key
 from shared.errors import PermanentError
 from shared.outbox import enqueue
+from tests.helpers import eventually
 from worker_service.consumer import Worker
 from worker_service.maintenance import refresh_gauges, remove_gone_consumers
 from worker_service.queue import StreamQueue
 from worker_service.router import Router, TaskContext
 from worker_service.settings import WorkerSettings
-from tests.helpers import eventually
 
 STREAM = stream_key()
 DEAD = dead_letter_key()
@@ -92,7 +91,7 @@ async def publish(
     redis: aioredis.Redis,
     pg_server: PostgresServer,
     redis_server: RedisServer,
-) -> AsyncIterator[Any]:
+) -> Any:
     relay = RelayLoop(
         pool, redis, RelaySettings(database_url=pg_server.dsn, redis_url=redis_server.url)
     )
@@ -104,7 +103,7 @@ async def publish(
             pass
         return ids
 
-    yield _publish
+    return _publish
 
 
 async def pending_count(redis: aioredis.Redis) -> int:
@@ -490,7 +489,7 @@ async def test_gone_consumers_holding_nothing_are_removed(
     assert removed == ["idle"]  # "holder" keeps its pending entry
 
 
-async def test_unknown_app_and_bad_settings_exit_with_a_message() -> None:
+def test_unknown_app_and_bad_settings_exit_with_a_message() -> None:
     import subprocess
     import sys
 
