@@ -18,9 +18,11 @@ COMMANDS: dict[str, list[str]] = {
 
 
 class ServiceProcess:
-    """One service process; its stderr (JSON logs) goes to a file."""
+    """One service process; its output (JSON logs) goes to a file, or to ours if log is None."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path, args: list[str] | None = None):
+    def __init__(
+        self, name: str, env: dict[str, str], log: Path | None, args: list[str] | None = None
+    ):
         self.name = name
         self.env = {**os.environ, **env}
         self.log = log
@@ -28,6 +30,11 @@ class ServiceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
+        if self.log is None:
+            # Own session: a Ctrl-C in the terminal reaches the supervisor only, which
+            # then stops the services in order.
+            self.proc = subprocess.Popen(self.args, env=self.env, start_new_session=True)
+            return self
         self.log.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
@@ -51,4 +58,6 @@ class ServiceProcess:
             kill9(self.proc)
 
     def logs(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")

@@ -56,23 +56,29 @@ def build_message(
     # systems that deduplicate on it show one message.
     msg["Message-ID"] = f"<{event_id}@{sender_domain}>"
     minutes = int(cfg.verify_ttl_minutes)
-    msg.set_content(
+    text = (
         f"Hello {full_name},\n\n"
         f"Please confirm your email address by opening this link:\n\n{link}\n\n"
         f"The link works once and expires in {minutes} minutes.\n"
         "If you did not sign up, ignore this message.\n"
     )
-    msg.add_alternative(
-        '<!doctype html><html><body style="font-family:sans-serif">'
-        f"<p>Hello {escape(full_name)},</p>"
-        "<p>Please confirm your email address:</p>"
-        f'<p><a href="{escape(link)}">Confirm my email address</a></p>'
-        f"<p>The link works once and expires in {minutes} minutes. "
-        "If you did not sign up, ignore this message.</p>"
-        "</body></html>",
-        subtype="html",
+    html = (
+        '<!doctype html><html><body style="font-family:sans-serif">\n'
+        f"<p>Hello {escape(full_name)},</p>\n"
+        "<p>Please confirm your email address:</p>\n"
+        f'<p><a href="{escape(link)}">Confirm my email address</a></p>\n'
+        f"<p>The link works once and expires in {minutes} minutes.\n"
+        "If you did not sign up, ignore this message.</p>\n"
+        "</body></html>\n"
     )
+    # 7bit when the text allows it, so the link reads as it is in the raw message.
+    msg.set_content(text, cte=_cte(text))
+    msg.add_alternative(html, subtype="html", cte=_cte(html))
     return msg
+
+
+def _cte(body: str) -> str:
+    return "7bit" if body.isascii() else "quoted-printable"
 
 
 @router.on_startup

@@ -1,0 +1,112 @@
+"""`python -m devstack` (what `make run` calls): the whole stack on this machine.
+
+Starts Postgres, Redis and an SMTP sink unless DATABASE_URL, REDIS_URL or SMTP_URL point
+at servers already, applies the migrations, then runs the API, the relay and the worker
+as separate processes. Ctrl-C (or SIGTERM) stops the services gracefully, then the
+servers. Data lives under .data/ and survives a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from devstack.postgres import PostgresServer
+from devstack.procs import make_traversable
+from devstack.redis import RedisServer
+from devstack.services import ServiceProcess
+from devstack.smtp_sink import SmtpSink
+from shared.migrate import migrate
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    parser.add_argument("--data", type=Path, default=Path(".data"), help="default: .data")
+    args = parser.parse_args(argv)
+    data: Path = args.data.resolve()
+    make_traversable(data)
+    servers: list[PostgresServer | RedisServer | SmtpSink] = []
+    services: list[ServiceProcess] = []
+    stop = {"now": False}
+
+    def on_signal(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        env = dict(os.environ)
+        if "DATABASE_URL" not in env:
+            pg = PostgresServer(
+                data / "postgres", _port("DEV_PG_PORT", 55432), log=data / "postgres.log"
+            )
+            print(f"starting PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})", flush=True)
+            pg.start()
+            servers.append(pg)
+            env["DATABASE_URL"] = pg.create_database("signup")
+        if "REDIS_URL" not in env:
+            rs = RedisServer(data / "redis", _port("DEV_REDIS_PORT", 56379), log=data / "redis.log")
+            print(
+                f"starting Redis on 127.0.0.1:{rs.port} (append-only file in {rs.data_dir})",
+                flush=True,
+            )
+            rs.start()
+            servers.append(rs)
+            env["REDIS_URL"] = rs.url
+        if "SMTP_URL" not in env:
+            sink = SmtpSink(data / "mail", _port("DEV_SMTP_PORT", 2525))
+            sink.start()
+            servers.append(sink)
+            env["SMTP_URL"] = sink.url
+        api_port = int(env.setdefault("API_PORT", "8000"))
+        env.setdefault("API_HOST", "127.0.0.1")
+        env.setdefault("PUBLIC_BASE_URL", f"http://localhost:{api_port}")
+        env.setdefault("METRICS_HOST", "127.0.0.1")
+        asyncio.run(migrate(env["DATABASE_URL"]))
+        for name, port in (("api", None), ("relay", 9101), ("worker", 9102)):
+            child_env = dict(env)
+            if port is not None:
+                child_env["METRICS_PORT"] = env.get(f"DEV_{name.upper()}_METRICS_PORT", str(port))
+            services.append(ServiceProcess(name, child_env, None).start())
+        print(
+            "\n"
+            f"  API:        http://localhost:{api_port}   (OpenAPI at /openapi.json)\n"
+            f"  Mail:       {data / 'mail'}/*.eml\n"
+            f"  Metrics:    http://localhost:{api_port}/metrics, http://localhost:9101/metrics,"
+            " http://localhost:9102/metrics\n"
+            "  Stop:       Ctrl-C\n",
+            flush=True,
+        )
+        while not stop["now"]:
+            for svc in services:
+                if not svc.alive:
+                    print(
+                        f"{svc.name} exited with {svc.proc and svc.proc.returncode}; stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    stop["now"] = True
+                    break
+            time.sleep(0.2)
+        return 0 if all(s.alive for s in services) else 1
+    finally:
+        print("stopping services...", flush=True)
+        for svc in reversed(services):
+            if svc.alive:
+                svc.terminate()
+        for server in reversed(servers):
+            server.stop()
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

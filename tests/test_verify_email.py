@@ -1,0 +1,170 @@
+"""The default app's handler: exactly one usable email per event, whatever is redelivered."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.smtp_sink import SmtpSink
+from shared.constants import TASK_SEND_VERIFY_EMAIL
+from shared.envelope import Envelope
+from shared.errors import PermanentError, RetryableError
+from shared.verification import hash_code
+from tests.helpers import link_params, text_part, verify_link
+from worker_service import app as verify_app
+from worker_service.mailer import Mailer, SmtpConfig
+from worker_service.router import TaskContext
+
+
+@pytest.fixture
+async def state(smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("SMTP_URL", smtp_sink.url)
+    monkeypatch.setenv("PUBLIC_BASE_URL", "http://signup.test")
+    monkeypatch.setenv("MAIL_FROM", "Signup <no-reply@signup.test>")
+    st: dict[str, Any] = {}
+    for hook in verify_app.router.startup_hooks:
+        await hook(st)
+    return st
+
+
+async def add_user(pool: asyncpg.Pool[Any], name: str = "alice") -> None:
+    await pool.execute(
+        "INSERT INTO users (username, full_name, email, hashed_password) VALUES ($1, $2, $3, 'x')",
+        name,
+        f"{name.title()} Liddell",
+        f"{name}@example.com",
+    )
+
+
+def context(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    state: dict[str, Any],
+    event_id: str,
+    username: str = "alice",
+    attempt: int = 1,
+) -> TaskContext:
+    env = Envelope(event_id, TASK_SEND_VERIFY_EMAIL, {"username": username}, datetime.now(UTC))
+    return TaskContext(env, attempt, "1-0", pool, redis, state)
+
+
+async def test_sends_one_multipart_email_with_a_working_code(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    event_id = str(uuid.uuid4())
+    await verify_app.send_verify_email(context(pool, redis, state, event_id))
+    (msg,) = smtp_sink.messages()
+    assert msg["To"] == "Alice Liddell <alice@example.com>"
+    assert msg["From"] == "Signup <no-reply@signup.test>"
+    assert msg["Message-ID"] == f"<{event_id}@signup.test>"
+    assert msg.is_multipart()
+    assert {p.get_content_type() for p in msg.iter_parts()} == {"text/plain", "text/html"}
+    link = verify_link(msg)
+    assert link.startswith("http://signup.test/v1/verify_email?")
+    params = link_params(link)
+    row = await pool.fetchrow("SELECT * FROM verify_emails WHERE id = $1", int(params["email_id"]))
+    assert row is not None
+    assert bytes(row["secret_code_hash"]) == hash_code(params["secret_code"])
+    assert row["sent_at"] is not None
+    # Only the hash is stored: the code itself is nowhere in the database.
+    assert params["secret_code"] not in str(dict(row))
+    assert "15 minutes" in text_part(msg)
+
+
+async def test_redelivery_after_success_sends_nothing(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    event_id = str(uuid.uuid4())
+    await verify_app.send_verify_email(context(pool, redis, state, event_id))
+    await verify_app.send_verify_email(context(pool, redis, state, event_id, attempt=2))
+    assert len(smtp_sink.messages()) == 1
+    assert await pool.fetchval("SELECT count(*) FROM verify_emails") == 1
+
+
+async def test_concurrent_deliveries_of_one_event_serialise_on_postgres(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    event_id = str(uuid.uuid4())
+    smtp_sink.handler.delay_seconds = 0.3  # the first send is slow: the second must wait
+    await asyncio.gather(
+        *(verify_app.send_verify_email(context(pool, redis, state, event_id)) for _ in range(4))
+    )
+    assert len(smtp_sink.messages()) == 1
+
+
+async def test_a_new_event_for_the_same_user_sends_a_new_email(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    assert len(smtp_sink.messages()) == 2
+
+
+async def test_failed_send_rolls_back_and_a_retry_sends_a_fresh_code(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    event_id = str(uuid.uuid4())
+    smtp_sink.handler.fail_with = "451 4.3.0 Try again later"
+    with pytest.raises(RetryableError, match="451"):
+        await verify_app.send_verify_email(context(pool, redis, state, event_id))
+    assert await pool.fetchval("SELECT count(*) FROM verify_emails") == 0
+    smtp_sink.handler.fail_with = ""
+    await verify_app.send_verify_email(context(pool, redis, state, event_id, attempt=2))
+    assert len(smtp_sink.messages()) == 1
+
+
+async def test_smtp_refusing_connections_is_retryable(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any]
+) -> None:
+    from devstack.procs import free_port
+
+    await add_user(pool)
+    state["mailer"] = Mailer(SmtpConfig.from_url(f"smtp://127.0.0.1:{free_port()}", 2))
+    with pytest.raises(RetryableError, match="SMTP unavailable"):
+        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+
+
+async def test_permanent_smtp_rejection_is_permanent(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    smtp_sink.handler.fail_with = "550 5.1.1 No such mailbox"
+    with pytest.raises(PermanentError, match="550"):
+        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+
+
+async def test_missing_user_or_payload_is_permanent(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any]
+) -> None:
+    with pytest.raises(PermanentError, match="does not exist"):
+        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4()), "ghost"))
+    env = Envelope(str(uuid.uuid4()), TASK_SEND_VERIFY_EMAIL, {}, datetime.now(UTC))
+    with pytest.raises(PermanentError, match="username"):
+        await verify_app.send_verify_email(TaskContext(env, 1, "1-0", pool, redis, state))
+
+
+def test_smtp_url_parsing() -> None:
+    c = SmtpConfig.from_url("smtps://user%40x:p%3Ass@mail.example:2465")
+    assert (c.host, c.port, c.username, c.password, c.use_tls, c.start_tls) == (
+        "mail.example",
+        2465,
+        "user@x",
+        "p:ss",
+        True,
+        False,
+    )
+    c = SmtpConfig.from_url("smtp://mailpit:1025?starttls=off")
+    assert (c.port, c.use_tls, c.start_tls, c.username) == (1025, False, False, None)
+    assert SmtpConfig.from_url("smtp://m?starttls=require").start_tls is True
+    assert SmtpConfig.from_url("smtp://m").port == 25
