@@ -517,3 +517,23 @@ def test_unknown_app_and_bad_settings_exit_with_a_message() -> None:
     )
     assert out.returncode == 2
     assert "No module named 'nope'" in out.stderr
+
+
+async def test_entries_this_worker_abandoned_are_taken_back(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """A claim renewal can race with parking and leave an entry owned by this worker but
+    not running; after the visibility timeout it is taken back, even with one worker."""
+    await publish(3)
+    s = worker_settings(pg_server, redis_server, visibility_timeout_seconds=0.3)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read(s.consumer_name, 3, None)  # owned by "w1", not running anywhere
+    worker = Worker(rec.router, pool, redis, s)
+    await asyncio.sleep(0.4)
+    assert len(await worker.reclaim_once()) == 3

@@ -260,8 +260,12 @@ class Worker:
             if len(claims) >= budget:
                 break
         if len(claims) < budget:
-            for p in await self.queue.pending(min_idle_ms=vt_ms, count=budget):
-                if p.consumer != RETRY_PARKING_CONSUMER and p.consumer != self.consumer:
+            # Held by a worker that went silent -- or by this one, when its bookkeeping
+            # failed or a claim renewal raced with parking: whatever this worker is not
+            # running or acknowledging, it has abandoned.
+            held = set(self._inflight) | {sid for sid, _ in self._acks}
+            for p in await self.queue.pending(min_idle_ms=vt_ms, count=budget + len(held)):
+                if p.consumer != RETRY_PARKING_CONSUMER and p.id not in held:
                     claims.append((p.id, vt_ms, p.deliveries))
         entries = await self.queue.claim(self.consumer, claims[:budget])
         if entries:

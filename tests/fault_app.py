@@ -1,0 +1,22 @@
+"""A worker app for the fault tests: the real verification handler, except that it hangs
+on the first attempt for users whose name starts with "hang"."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.constants import TASK_SEND_VERIFY_EMAIL
+from worker_service import app as verify_app
+from worker_service.router import Router, TaskContext
+
+router = Router(
+    startup_hooks=list(verify_app.router.startup_hooks),
+    shutdown_hooks=list(verify_app.router.shutdown_hooks),
+)
+
+
+@router.handler(TASK_SEND_VERIFY_EMAIL, timeout=1.0)
+async def hang_then_send(ctx: TaskContext) -> None:
+    if str(ctx.payload.get("username", "")).startswith("hang") and ctx.attempt == 1:
+        await asyncio.Event().wait()  # never set: only the timeout ends this
+    await verify_app.send_verify_email(ctx)

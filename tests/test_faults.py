@@ -1,0 +1,320 @@
+"""Failure injection: every failure the design promises to survive, with 500 signups in
+flight. After each, every committed user has exactly one usable verification email, and
+nothing is left pending. Duplicates may only come from killing a worker between an SMTP
+send and its commit; they are counted and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from devstack import ledger
+from devstack.postgres import PostgresServer
+from devstack.procs import wait_for_port
+from devstack.redis import RedisServer
+from devstack.services import ServiceProcess
+from devstack.smtp_sink import SmtpSink
+from shared.constants import CONSUMER_GROUP, stream_key
+from tests.helpers import eventually, signup_body
+
+pytestmark = pytest.mark.fault
+
+SIGNUPS = 500
+
+
+class Stack:
+    """API, relay(s) and worker(s) as processes, and the ways to hurt them."""
+
+    def __init__(self, env: dict[str, str], ports: dict[str, int], logs: Path) -> None:
+        self.env = {
+            **env,
+            "API_PORT": str(ports["api"]),
+            "PUBLIC_BASE_URL": f"http://127.0.0.1:{ports['api']}",
+            "RELAY_BATCH_SIZE": "50",
+            "RELAY_POLL_INTERVAL_SECONDS": "0.5",
+            "RELAY_RECONCILE_AFTER_SECONDS": "3",
+            "RELAY_MAINTENANCE_INTERVAL_SECONDS": "1",
+            "VISIBILITY_TIMEOUT_SECONDS": "3",
+            "WORKER_CONCURRENCY": "32",
+            "WORKER_MAX_ATTEMPTS": "12",
+            "WORKER_RETRY_BACKOFF_BASE_SECONDS": "0.5",
+            "WORKER_RETRY_BACKOFF_MAX_SECONDS": "3",
+            "WORKER_MAINTENANCE_INTERVAL_SECONDS": "1",
+            "SMTP_TIMEOUT_SECONDS": "5",
+            "METRICS_PORT": "0",
+        }
+        self.base = f"http://127.0.0.1:{ports['api']}"
+        self.api_port = ports["api"]
+        self.logs = logs
+        self.procs: list[ServiceProcess] = []
+        self._n = 0
+
+    def start(self, name: str, **env: str) -> ServiceProcess:
+        self._n += 1
+        args = None
+        if "app" in env:
+            args = [sys.executable, "-m", "worker_service", "--app", env.pop("app")]
+        proc = ServiceProcess(
+            name, {**self.env, **env}, self.logs / f"{name}-{self._n}.log", args
+        ).start()
+        self.procs.append(proc)
+        if name == "api":
+            wait_for_port(self.api_port, 30, proc.proc)
+        return proc
+
+    def stop_all(self) -> dict[str, int]:
+        return {p.log.name: p.terminate() for p in self.procs if p.alive}  # type: ignore[union-attr]
+
+    async def signups(self, n: int, prefix: str, concurrency: int = 16) -> int:
+        """POST n signups; the number the API answered 201 for (others did not commit)."""
+        created = 0
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(i)
+
+        async def client(http: aiohttp.ClientSession) -> None:
+            nonlocal created
+            while not queue.empty():
+                i = queue.get_nowait()
+                try:
+                    resp = await http.post(
+                        f"{self.base}/v1/users", json=signup_body(f"{prefix}{i}")
+                    )
+                    created += resp.status == 201
+                    resp.release()
+                except aiohttp.ClientError:
+                    pass
+
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        return created
+
+
+@pytest.fixture
+async def stack(
+    clean: None,
+    service_env: dict[str, str],
+    ports: dict[str, int],
+    workdir: Path,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Stack]:
+    s = Stack(service_env, ports, workdir / "fault-logs" / request.node.name)
+    try:
+        yield s
+    finally:
+        s.stop_all()
+
+
+async def settle(
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+    smtp_sink: SmtpSink,
+    timeout: float = 90,
+    dead: int = 0,
+) -> ledger.Ledger:
+    """Wait until every outbox row is finished and nothing is pending; the ledger."""
+    conn = await asyncpg.connect(pg_server.dsn)
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+
+        async def finished() -> bool:
+            try:
+                unfinished = await conn.fetchval(
+                    "SELECT count(*) FROM outbox"
+                    " WHERE completed_at IS NULL AND dead_lettered_at IS NULL"
+                )
+                pending = (await r.xpending(stream_key(), CONSUMER_GROUP))["pending"]
+            except Exception:
+                return False
+            return bool(unfinished == 0 and pending == 0)
+
+        try:
+            await eventually(finished, timeout=timeout, interval=0.25)
+        except AssertionError:
+            state = await conn.fetch(
+                "SELECT published_at IS NOT NULL AS published, publish_attempts, last_error,"
+                " count(*) FROM outbox WHERE completed_at IS NULL AND dead_lettered_at IS NULL"
+                " GROUP BY 1, 2, 3"
+            )
+            pending: object
+            try:
+                pending = await r.xpending(stream_key(), CONSUMER_GROUP)
+            except Exception as e:
+                pending = repr(e)
+            raise AssertionError(
+                f"not settled: unfinished={[dict(x) for x in state]} pending={pending}"
+            ) from None
+        result = await ledger.compute(conn, smtp_sink.directory)
+    finally:
+        await conn.close()
+        await r.aclose()
+    print("\n" + result.table())
+    assert result.lost == 0, f"lost: {result.lost_users[:10]}"
+    assert result.extra_usable == 0
+    assert result.unfinished == 0
+    assert result.dead_lettered == dead
+    assert result.delivered == result.committed
+    return result
+
+
+async def wait_emails(smtp_sink: SmtpSink, at_least: int, timeout: float = 60) -> None:
+    async def enough() -> bool:
+        return len(list(smtp_sink.directory.glob("*.eml"))) >= at_least
+
+    await eventually(enough, timeout=timeout, interval=0.05)
+
+
+async def test_kill_9_relay_mid_batch(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    stack.start("api")
+    stack.start("worker")
+    assert await stack.signups(SIGNUPS, "relaykill") == SIGNUPS
+    relay = stack.start("relay")
+    r = aioredis.Redis.from_url(redis_server.url)
+
+    async def some_published() -> bool:
+        return int(await r.xlen(stream_key())) >= 100
+
+    await eventually(some_published, timeout=30, interval=0.005)
+    relay.kill()  # mid-drain: batches of 50, some claimed and not committed
+    await r.aclose()
+    stack.start("relay")
+    result = await settle(pg_server, redis_server, smtp_sink)
+    assert result.committed == SIGNUPS
+    assert result.duplicated == 0
+
+
+async def test_kill_9_worker_mid_handler(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    smtp_sink.handler.delay_seconds = 0.02  # handlers are in flight when the kill comes
+    stack.start("api")
+    stack.start("relay")
+    worker = stack.start("worker")
+    sending = asyncio.create_task(stack.signups(SIGNUPS, "workerkill"))
+    await wait_emails(smtp_sink, 100)
+    worker.kill()
+    stack.start("worker")  # a new consumer takes over after the visibility timeout
+    assert await sending == SIGNUPS
+    result = await settle(pg_server, redis_server, smtp_sink)
+    # Only entries whose SMTP send finished just before the kill can be sent twice.
+    assert result.duplicated <= 32
+
+
+async def test_redis_stopped_for_5_seconds(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    stack.start("api")
+    stack.start("relay")
+    stack.start("worker")
+    sending = asyncio.create_task(stack.signups(SIGNUPS, "redisstop", concurrency=4))
+    await wait_emails(smtp_sink, 50)
+    redis_server.stop()  # clean stop: the append-only file keeps the data
+    await asyncio.sleep(5)
+    redis_server.start()
+    assert await sending == SIGNUPS  # signups never depend on Redis
+    result = await settle(pg_server, redis_server, smtp_sink)
+    assert result.duplicated == 0
+
+
+async def test_redis_restarted_with_its_data_wiped(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    smtp_sink.handler.delay_seconds = 0.01
+    stack.start("api")
+    stack.start("relay")
+    stack.start("worker")
+    sending = asyncio.create_task(stack.signups(SIGNUPS, "rediswipe", concurrency=4))
+    await wait_emails(smtp_sink, 100)
+    redis_server.restart(wipe=True)  # stream, group and dedupe keys gone
+    assert await sending == SIGNUPS
+    result = await settle(pg_server, redis_server, smtp_sink)
+    assert result.duplicated == 0  # the reconciler republishes; the handler is idempotent
+
+
+async def test_postgres_restarted(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    stack.start("api")
+    stack.start("relay")
+    stack.start("worker")
+    sending = asyncio.create_task(stack.signups(SIGNUPS, "pgrestart", concurrency=4))
+    await wait_emails(smtp_sink, 100)
+    pg_server.kill()  # a crash, then recovery from the WAL
+    await asyncio.sleep(1)
+    pg_server.start()
+    committed = await sending
+    assert committed > 100  # some signups failed while Postgres was down: not committed
+    result = await settle(pg_server, redis_server, smtp_sink)
+    assert result.committed >= committed
+    # A crash of Postgres between an SMTP send and the commit that records it is the same
+    # window as a worker kill there: the send is repeated, and only the second link works
+    # (the first one's record was rolled back). At most one per handler in flight.
+    assert result.duplicated <= 32
+
+
+async def test_smtp_refusing_for_10_seconds(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    stack.start("api")
+    stack.start("relay")
+    stack.start("worker")
+    sending = asyncio.create_task(stack.signups(SIGNUPS, "smtpdown", concurrency=4))
+    await wait_emails(smtp_sink, 50)
+    smtp_sink.refuse_connections()
+    await asyncio.sleep(10)
+    smtp_sink.accept_connections()
+    assert await sending == SIGNUPS
+    result = await settle(pg_server, redis_server, smtp_sink)
+    assert result.duplicated == 0
+
+
+async def test_a_hanging_handler_times_out_and_blocks_nothing(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    stack.start("api")
+    stack.start("relay")
+    stack.start("worker", app="tests.fault_app:router")
+    assert await stack.signups(SIGNUPS - 20, "ok") == SIGNUPS - 20
+    assert await stack.signups(20, "hang") == 20
+    result = await settle(pg_server, redis_server, smtp_sink)
+    assert result.committed == SIGNUPS
+    assert result.duplicated == 0
+
+
+async def test_poison_entries_among_good_ones(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    stack.start("api")
+    stack.start("relay")
+    stack.start("worker")
+    r = aioredis.Redis.from_url(redis_server.url)
+    sending = asyncio.create_task(stack.signups(SIGNUPS, "poison", concurrency=4))
+    rng = random.Random(7)
+    poison: list[dict[Any, Any]] = [
+        {"e": b"\x00\xffnot json"},
+        {"e": b'{"v": 1, "id": "not-a-uuid", "type": "x", "payload": {}}'},
+        {
+            "e": b'{"v": 1, "id": "5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10", "type": "no_such",'
+            b' "payload": {}, "created_at": "2026-01-01T00:00:00+00:00"}'
+        },
+        {"garbage": b"field"},
+    ]
+    for entry in poison * 5:
+        await asyncio.sleep(rng.uniform(0, 0.2))
+        await r.xadd(stream_key(), entry)
+    assert await sending == SIGNUPS
+    await settle(pg_server, redis_server, smtp_sink, dead=0)
+    assert await r.xlen("outbox:{default}:dead") == 20
+    await r.aclose()
