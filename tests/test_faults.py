@@ -8,96 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from devstack import ledger
 from devstack.postgres import PostgresServer
-from devstack.procs import wait_for_port
 from devstack.redis import RedisServer
-from devstack.services import ServiceProcess
 from devstack.smtp_sink import SmtpSink
+from devstack.stack import Stack
 from shared.constants import CONSUMER_GROUP, stream_key
-from tests.helpers import eventually, signup_body
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.fault
 
 SIGNUPS = 500
-
-
-class Stack:
-    """API, relay(s) and worker(s) as processes, and the ways to hurt them."""
-
-    def __init__(self, env: dict[str, str], ports: dict[str, int], logs: Path) -> None:
-        self.env = {
-            **env,
-            "API_PORT": str(ports["api"]),
-            "PUBLIC_BASE_URL": f"http://127.0.0.1:{ports['api']}",
-            "RELAY_BATCH_SIZE": "50",
-            "RELAY_POLL_INTERVAL_SECONDS": "0.5",
-            "RELAY_RECONCILE_AFTER_SECONDS": "3",
-            "RELAY_MAINTENANCE_INTERVAL_SECONDS": "1",
-            "VISIBILITY_TIMEOUT_SECONDS": "3",
-            "WORKER_CONCURRENCY": "32",
-            "WORKER_MAX_ATTEMPTS": "12",
-            "WORKER_RETRY_BACKOFF_BASE_SECONDS": "0.5",
-            "WORKER_RETRY_BACKOFF_MAX_SECONDS": "3",
-            "WORKER_MAINTENANCE_INTERVAL_SECONDS": "1",
-            "SMTP_TIMEOUT_SECONDS": "5",
-            "METRICS_PORT": "0",
-        }
-        self.base = f"http://127.0.0.1:{ports['api']}"
-        self.api_port = ports["api"]
-        self.logs = logs
-        self.procs: list[ServiceProcess] = []
-        self._n = 0
-
-    def start(self, name: str, **env: str) -> ServiceProcess:
-        self._n += 1
-        args = None
-        if "app" in env:
-            args = [sys.executable, "-m", "worker_service", "--app", env.pop("app")]
-        proc = ServiceProcess(
-            name, {**self.env, **env}, self.logs / f"{name}-{self._n}.log", args
-        ).start()
-        self.procs.append(proc)
-        if name == "api":
-            wait_for_port(self.api_port, 30, proc.proc)
-        return proc
-
-    def stop_all(self) -> dict[str, int]:
-        return {p.log.name: p.terminate() for p in self.procs if p.alive}  # type: ignore[union-attr]
-
-    async def signups(self, n: int, prefix: str, concurrency: int = 16) -> int:
-        """POST n signups; the number the API answered 201 for (others did not commit)."""
-        created = 0
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(n):
-            queue.put_nowait(i)
-
-        async def client(http: aiohttp.ClientSession) -> None:
-            nonlocal created
-            while not queue.empty():
-                i = queue.get_nowait()
-                try:
-                    resp = await http.post(
-                        f"{self.base}/v1/users", json=signup_body(f"{prefix}{i}")
-                    )
-                    created += resp.status == 201
-                    resp.release()
-                except aiohttp.ClientError:
-                    pass
-
-        async with aiohttp.ClientSession() as http:
-            await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        return created
 
 
 @pytest.fixture
@@ -108,7 +37,7 @@ async def stack(
     workdir: Path,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Stack]:
-    s = Stack(service_env, ports, workdir / "fault-logs" / request.node.name)
+    s = Stack(service_env, ports["api"], workdir / "fault-logs" / request.node.name)
     try:
         yield s
     finally:
@@ -318,3 +247,23 @@ async def test_poison_entries_among_good_ones(
     await settle(pg_server, redis_server, smtp_sink, dead=0)
     assert await r.xlen("outbox:{default}:dead") == 20
     await r.aclose()
+
+
+async def test_rolling_restart_loses_and_duplicates_nothing(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    smtp_sink.handler.delay_seconds = 0.01
+    stack.start("api")
+    relays = [stack.start("relay"), stack.start("relay")]
+    workers = [stack.start("worker"), stack.start("worker")]
+    sending = asyncio.create_task(stack.signups(SIGNUPS, "rolling", concurrency=4))
+    await wait_emails(smtp_sink, 50)
+    for group, name in ((workers, "worker"), (relays, "relay")):
+        for i in range(len(group)):
+            code = await asyncio.to_thread(group[i].terminate)  # SIGTERM, as an orchestrator
+            assert code == 0
+            group[i] = stack.start(name)
+            await asyncio.sleep(0.5)
+    assert await sending == SIGNUPS
+    result = await settle(pg_server, redis_server, smtp_sink)
+    assert result.duplicated == 0
