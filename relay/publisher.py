@@ -82,6 +82,7 @@ class Row:
     queue: str
     event_id: str
     data: bytes
+    request_id: str | None = None
 
 
 class Publisher:
@@ -128,7 +129,7 @@ def to_row(rec: asyncpg.Record) -> Row:
         created_at=rec["created_at"],
         headers=rec["headers"],
     )
-    return Row(rec["id"], rec["queue"], envelope.event_id, envelope.encode())
+    return Row(rec["id"], rec["queue"], envelope.event_id, envelope.encode(), envelope.request_id)
 
 
 class RelayLoop(Loop):
@@ -180,7 +181,11 @@ class RelayLoop(Loop):
                 bad_delays.append(backoff_delay(attempts + 1, 1.0, 300.0))
                 logger.error(
                     "relay_publish_refused",
-                    extra={"event_id": row.event_id, "error": str(e)[:200]},
+                    extra={
+                        "event_id": row.event_id,
+                        "request_id": row.request_id,
+                        "error": str(e)[:200],
+                    },
                 )
             else:
                 ok_ids.append(row.id)

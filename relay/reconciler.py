@@ -86,6 +86,9 @@ class Reconciler:
             ids = await self.publisher.publish(rows, force=True)
             await conn.execute(_REPUBLISHED, [r.id for r in rows], ids)
         for row in rows:
-            logger.warning("event_republished", extra={"event_id": row.event_id})
+            logger.warning(
+                "event_republished",
+                extra={"event_id": row.event_id, "request_id": row.request_id},
+            )
         metrics.REPUBLISHED.inc(len(rows))
         return len(rows)

@@ -33,7 +33,8 @@ async def add_events(pool: asyncpg.Pool[Any], n: int, queue: str = "default") ->
     ids = []
     async with pool.acquire() as conn, conn.transaction():
         for i in range(n):
-            ids.append(str(await enqueue(conn, "t", {"i": i}, queue=queue)))
+            headers = {"request_id": f"req-{i}"}
+            ids.append(str(await enqueue(conn, "t", {"i": i}, queue=queue, headers=headers)))
     return ids
 
 
@@ -216,7 +217,10 @@ async def _count_unpublished_is(pool: asyncpg.Pool[Any], n: int) -> bool:
 
 
 async def test_reconciler_republishes_events_redis_lost(
-    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    settings: RelaySettings,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     ids = await add_events(pool, 30)
     relay = RelayLoop(pool, redis, settings)
@@ -231,6 +235,9 @@ async def test_reconciler_republishes_events_redis_lost(
     for _ in range(5):
         total += await reconciler.run_once()
     assert total == 20
+    logged = [r for r in caplog.records if r.getMessage() == "event_republished"]
+    assert len(logged) == 20
+    assert {getattr(r, "request_id", None) for r in logged} == {f"req-{i}" for i in range(10, 30)}
     republished = [e.event_id for e in await stream_events(redis)]
     assert sorted(republished) == sorted(ids[10:])
     # Present now: another pass publishes nothing more.
