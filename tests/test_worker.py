@@ -537,3 +537,26 @@ async def test_entries_this_worker_abandoned_are_taken_back(
     worker = Worker(rec.router, pool, redis, s)
     await asyncio.sleep(0.4)
     assert len(await worker.reclaim_once()) == 3
+
+
+async def test_a_dead_letter_is_replayed_once_even_when_two_replays_race(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    (event_id,) = await publish(1, task="permanent")
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.setup()
+    await worker.run_once()
+    client: Any = redis
+    ((dead_id, fields),) = await client.xrange(DEAD)
+    before = await redis.xlen(STREAM)
+    results = await asyncio.gather(
+        *(worker.queue.replay_dead(dead_id.decode(), fields[b"e"], event_id) for _ in range(5))
+    )
+    assert sum(r is not None for r in results) == 1
+    assert await redis.xlen(STREAM) == before + 1
+    assert await redis.xlen(DEAD) == 0

@@ -32,6 +32,14 @@ from shared.constants import (
 
 Fields = dict[bytes, bytes]
 
+# KEYS: dead-letter stream, stream, [dedupe key]. ARGV: dead id, field name, envelope.
+_REPLAY_SCRIPT = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+local id = redis.call('XADD', KEYS[2], '*', ARGV[2], ARGV[3])
+if KEYS[3] then redis.call('SET', KEYS[3], id, 'KEEPTTL') end
+return id
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -217,16 +225,19 @@ class StreamQueue:
             dead_id, _ = await pipe.execute()
         return _sid(dead_id)
 
-    async def replay_dead(self, dead_id: str, envelope: bytes, event_id: str | None) -> str:
-        """Put a dead letter's envelope back on the stream and delete it, in one MULTI."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.stream, {ENVELOPE_FIELD: envelope})
-            pipe.xdel(self.dead, dead_id)
-            new_id, _ = await pipe.execute()
-        new = _sid(new_id)
+    async def replay_dead(self, dead_id: str, envelope: bytes, event_id: str | None) -> str | None:
+        """Move a dead letter's envelope back to the stream; None if it was gone already.
+
+        One script: the entry is re-added only if this call deleted the dead letter, so
+        two operators replaying the same one at once queue it once.
+        """
+        keys = [self.dead, self.stream]
         if event_id:
-            await self.redis.set(dedupe_key(event_id, self.queue), new, keepttl=True)
-        return new
+            keys.append(dedupe_key(event_id, self.queue))
+        new_id = await self.redis.eval(
+            _REPLAY_SCRIPT, len(keys), *keys, dead_id, ENVELOPE_FIELD, envelope
+        )
+        return _sid(new_id) if new_id else None
 
     async def trim_acknowledged(self) -> int:
         """Delete entries every group has acknowledged (XTRIM MINID); 0 if no group.

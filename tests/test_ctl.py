@@ -1,0 +1,530 @@
+"""outboxctl against the real servers: dead letters made by the real worker path.
+
+The CLI runs in-process through main([...]) (in a thread: it runs its own event loop) and,
+to prove the entry point, as `python -m shared.ctl` subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.postgres import PostgresServer
+from devstack.procs import free_port
+from devstack.redis import RedisServer
+from relay.publisher import RelayLoop
+from relay.settings import RelaySettings
+from shared.constants import dead_letter_key, dedupe_key, stream_key
+from shared.ctl import main, scan_dead
+from shared.errors import PermanentError
+from shared.outbox import enqueue
+from worker_service.consumer import Worker
+from worker_service.queue import StreamQueue
+from worker_service.router import Router, TaskContext
+from worker_service.settings import WorkerSettings
+
+STREAM = stream_key()
+DEAD = dead_letter_key()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Handlers:
+    """Task types "t" and "u": fail permanently while `fail` is set, else record the call."""
+
+    def __init__(self) -> None:
+        self.fail = True
+        self.done: list[tuple[str, int]] = []
+        self.router = Router()
+
+        @self.router.handler("t")
+        async def t(ctx: TaskContext) -> None:
+            await self.run(ctx)
+
+        @self.router.handler("u")
+        async def u(ctx: TaskContext) -> None:
+            await self.run(ctx)
+
+    async def run(self, ctx: TaskContext) -> None:
+        if self.fail:
+            raise PermanentError(f"cannot do {ctx.envelope.type} {ctx.payload['i']}")
+        self.done.append((ctx.envelope.type, int(ctx.payload["i"])))
+
+
+class Pipeline:
+    """Publishes through the real relay and runs a real worker, step by step."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        redis: aioredis.Redis,
+        pg: PostgresServer,
+        rs: RedisServer,
+    ) -> None:
+        self.pool = pool
+        self.redis: Any = redis
+        self.handlers = Handlers()
+        self.relay = RelayLoop(pool, redis, RelaySettings(database_url=pg.dsn, redis_url=rs.url))
+        settings = WorkerSettings(
+            database_url=pg.dsn,
+            redis_url=rs.url,
+            consumer_name="w1",
+            max_attempts=1,
+            block_ms=100,
+            retry_backoff_base_seconds=0.05,
+            retry_backoff_max_seconds=0.2,
+        )
+        self.worker = Worker(self.handlers.router, pool, redis, settings)
+
+    async def publish(self, n: int, task: str = "t", start: int = 0) -> list[str]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            ids = [str(await enqueue(conn, task, {"i": start + i})) for i in range(n)]
+        while await self.relay.run_once():
+            pass
+        return ids
+
+    async def work(self) -> int:
+        await self.worker.setup()
+        return await self.worker.run_once()
+
+    async def make_dead_letters(self) -> dict[str, str]:
+        """3 permanent errors (t 0, t 1, u 0) and 2 undecodable entries (one with a
+        garbage envelope field, one with no envelope field); {label: dead id}."""
+        t_ids = await self.publish(2, "t")
+        u_ids = await self.publish(1, "u")
+        await self.redis.xadd(STREAM, {"e": b"\xff\xfenot json"})
+        await self.redis.xadd(STREAM, {"other": "field"})
+        assert await self.work() == 5
+        by_label: dict[str, str] = {}
+        labels = {t_ids[0]: "t0", t_ids[1]: "t1", u_ids[0]: "u0"}
+        for sid, fields in await self.redis.xrange(DEAD):
+            if b"original_id" not in fields:
+                continue  # put there by the test itself
+            event_id = fields[b"event_id"].decode()
+            if event_id:
+                by_label[labels[event_id]] = sid.decode()
+            elif b"e" in fields:
+                by_label["garbage"] = sid.decode()
+            else:
+                by_label["no_envelope"] = sid.decode()
+        by_label.update({f"event_{k}": v for v, k in labels.items()})
+        assert len(by_label) == 8
+        return by_label
+
+    async def dead_ids(self) -> list[str]:
+        return [sid.decode() for sid, _ in await self.redis.xrange(DEAD)]
+
+    async def row(self, event_id: str) -> asyncpg.Record:
+        rec: asyncpg.Record | None = await self.pool.fetchrow(
+            "SELECT * FROM outbox WHERE event_id = $1", event_id
+        )
+        assert rec is not None
+        return rec
+
+
+@pytest.fixture
+async def pipe(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Pipeline:
+    monkeypatch.setenv("DATABASE_URL", pg_server.dsn)
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.delenv("QUEUE", raising=False)
+    return Pipeline(pool, redis, pg_server, redis_server)
+
+
+async def ctl(*argv: str) -> int:
+    """main() in a thread: it runs its own event loop with asyncio.run."""
+    return await asyncio.to_thread(main, list(argv))
+
+
+def run_module(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.ctl", *argv],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
+def table_value(text: str, label: str) -> str:
+    for line in text.splitlines():
+        if line.strip().startswith(label):
+            return line.strip()[len(label) :].strip()
+    raise AssertionError(f"no {label!r} line in:\n{text}")
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+async def test_status_json_and_text_match_reality(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await pipe.make_dead_letters()  # 3 dead rows in Postgres, 5 dead letters in Redis
+    await pipe.publish(2, "t", start=10)  # in flight: published, not completed
+    await StreamQueue(pipe.redis, "default").read("stuck", 1, None)  # 1 pending on "stuck"
+    async with pipe.pool.acquire() as conn, conn.transaction():
+        await enqueue(conn, "t", {"i": 99})  # unpublished backlog
+    capsys.readouterr()
+
+    assert await ctl("status", "--json") == 0
+    st = orjson.loads(capsys.readouterr().out)
+    assert st["queue"] == "default"
+    o, r = st["outbox"], st["redis"]
+    assert o["backlog"] == 1
+    assert 0 <= o["oldest_unpublished_age_seconds"] < 60
+    assert o["in_flight"] == 2
+    assert o["dead_lettered"] == 3
+    assert r["stream_length"] == await pipe.redis.xlen(STREAM) == 7
+    assert r["pending"] == 1
+    assert r["dead_letters"] == 5
+    assert r["group_exists"] is True
+    assert r["lag"] is None or isinstance(r["lag"], int)  # Redis 7+ reports it
+    consumers = {c["name"]: c["pending"] for c in r["consumers"]}
+    assert consumers == {"w1": 0, "stuck": 1}
+
+    assert await ctl("status") == 0
+    text = capsys.readouterr().out
+    assert table_value(text, "unpublished backlog") == "1"
+    assert table_value(text, "in flight (published, not completed)") == "2"
+    assert table_value(text, "dead-lettered") == "3"
+    assert table_value(text, "length") == "7"
+    assert table_value(text, "pending") == "1"
+    assert table_value(text, "Redis dead letters").endswith(" 5")
+    assert table_value(text, "stuck").split()[0] == "1"
+
+
+async def test_status_on_an_empty_redis_says_the_group_is_missing(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await ctl("status", "--json") == 0
+    st = orjson.loads(capsys.readouterr().out)
+    assert st["redis"]["group_exists"] is False
+    assert st["redis"]["stream_length"] == 0
+    assert st["redis"]["consumers"] == []
+    assert st["outbox"]["oldest_unpublished_age_seconds"] is None
+
+
+# -- list / show ---------------------------------------------------------------------------
+
+
+async def test_list_with_filters_limit_and_order(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await pipe.make_dead_letters()
+    capsys.readouterr()
+
+    assert await ctl("dead", "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["ID", "FAILED_AT", "TASK"]
+    assert [line.split()[0] for line in lines[1:]] == await pipe.dead_ids()  # oldest first
+
+    assert await ctl("dead", "list", "--reason", "undecodable") == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert sorted(r.split()[0] for r in rows) == sorted([ids["garbage"], ids["no_envelope"]])
+
+    assert await ctl("dead", "list", "--task", "u") == 0
+    (row,) = capsys.readouterr().out.splitlines()[1:]
+    assert row.split()[0] == ids["u0"]
+    assert ids["event_u0"] in row
+    assert "permanent_error" in row
+    assert "PermanentError: cannot do u 0" in row
+
+    assert await ctl("dead", "list", "--task", "t", "--reason", "max_attempts") == 0
+    assert capsys.readouterr().out.strip() == "no dead letters (reason=max_attempts, task=t)"
+
+    assert await ctl("dead", "list", "--limit", "2") == 0
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 3
+    assert "more dead letters match" in out.err
+
+    assert await ctl("dead", "list", "--json", "--limit", "0") == 0
+    docs = orjson.loads(capsys.readouterr().out)
+    assert [d["id"] for d in docs] == await pipe.dead_ids()
+    by_id = {d["id"]: d for d in docs}
+    assert by_id[ids["t1"]]["event_id"] == ids["event_t1"]
+    assert by_id[ids["t1"]]["attempts"] == 1
+    assert by_id[ids["no_envelope"]]["has_envelope"] is False
+
+    assert await ctl("dead", "list", "--json", "--newest-first", "--reason", "permanent_error") == 0
+    newest = [d["id"] for d in orjson.loads(capsys.readouterr().out)]
+    assert newest == sorted([ids["t0"], ids["t1"], ids["u0"]], key=_id_key, reverse=True)
+
+
+def _id_key(sid: str) -> tuple[int, int]:
+    ms, seq = sid.split("-")
+    return int(ms), int(seq)
+
+
+async def test_scan_pages_through_the_stream_both_ways(pipe: Pipeline) -> None:
+    added = [
+        (await pipe.redis.xadd(DEAD, {"reason": "x", "n": str(i)})).decode() for i in range(20)
+    ]
+    forward = [dl.id async for dl in scan_dead(pipe.redis, DEAD, page=7)]
+    backward = [dl.id async for dl in scan_dead(pipe.redis, DEAD, page=7, newest_first=True)]
+    assert forward == added
+    assert backward == added[::-1]
+
+
+async def test_list_and_purge_a_stream_longer_than_a_page(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with pipe.redis.pipeline(transaction=False) as p:
+        for i in range(1234):
+            p.xadd(DEAD, {"reason": "bulk", "task_type": "t", "error": f"e{i}", "attempts": "1"})
+        await p.execute()
+    assert await ctl("dead", "list", "--limit", "0", "--json") == 0
+    assert len(orjson.loads(capsys.readouterr().out)) == 1234
+    assert await ctl("dead", "purge", "--all", "--yes") == 0
+    assert capsys.readouterr().out.strip().endswith("purged 1234, failed 0")
+    assert await pipe.redis.xlen(DEAD) == 0
+
+
+async def test_show_one_dead_letter(pipe: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = await pipe.make_dead_letters()
+    capsys.readouterr()
+
+    assert await ctl("dead", "show", ids["t1"], "--json") == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    assert doc["dead_letter"]["id"] == ids["t1"]
+    assert doc["dead_letter"]["reason"] == "permanent_error"
+    assert doc["envelope"]["id"] == ids["event_t1"]
+    assert doc["envelope"]["payload"] == {"i": 1}
+    assert doc["envelope_error"] is None
+    assert doc["outbox"]["event_id"] == ids["event_t1"]
+    assert doc["outbox"]["dead_lettered_at"] is not None
+    assert "cannot do t 1" in doc["outbox"]["last_error"]
+
+    assert await ctl("dead", "show", ids["t1"]) == 0
+    text = capsys.readouterr().out
+    assert f"id            {ids['t1']}" in text
+    assert '    "payload": {\n      "i": 1\n    }' in text  # pretty JSON, indented
+    assert re.search(rf"^  event_id +{ids['event_t1']}$", text, re.M)
+    assert "outbox row:\n" in text
+
+    assert await ctl("dead", "show", ids["no_envelope"], "--json") == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    assert doc["envelope"] is None
+    assert doc["envelope_error"] == "no 'e' field"
+    assert doc["original_fields"] == {"other": "field"}
+    assert doc["outbox"] is None
+
+    assert await ctl("dead", "show", ids["garbage"]) == 0
+    assert "envelope: (invalid: not JSON" in capsys.readouterr().out
+
+    assert await ctl("dead", "show", "1-1") == 1
+    assert "no dead letter 1-1" in capsys.readouterr().err
+    assert await ctl("dead", "show", "nope") == 2
+
+
+# -- replay --------------------------------------------------------------------------------
+
+
+async def test_replay_one_then_the_worker_completes_it(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await pipe.make_dead_letters()
+    event_id = ids["event_t0"]
+    dead_fields = dict((await pipe.redis.xrange(DEAD, ids["t0"], ids["t0"]))[0][1])
+    before = await pipe.row(event_id)
+    stream_before = await pipe.redis.xlen(STREAM)
+    capsys.readouterr()
+
+    assert await ctl("dead", "replay", ids["t0"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "replayed 1, skipped 0, failed 0"
+
+    assert ids["t0"] not in await pipe.dead_ids()
+    assert len(await pipe.dead_ids()) == 4  # the others are untouched
+    assert await pipe.redis.xlen(STREAM) == stream_before + 1
+    new_id, fields = (await pipe.redis.xrevrange(STREAM, count=1))[0]
+    assert fields == {b"e": dead_fields[b"e"]}  # the original envelope, byte for byte
+    assert f"replayed {ids['t0']} -> {new_id.decode()}" in out
+    row = await pipe.row(event_id)
+    assert row["dead_lettered_at"] is None
+    assert row["last_error"] is None
+    assert row["completed_at"] is None
+    assert row["stream_id"] == new_id.decode() != before["stream_id"]
+    assert row["published_at"] > before["published_at"]
+    assert await pipe.redis.get(dedupe_key(event_id)) == new_id
+
+    pipe.handlers.fail = False
+    assert await pipe.work() == 1
+    assert pipe.handlers.done == [("t", 0)]
+    assert (await pipe.row(event_id))["completed_at"] is not None
+
+
+async def test_replay_all_needs_yes_then_skips_what_has_no_envelope(
+    pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
+) -> None:
+    ids = await pipe.make_dead_letters()
+    env = {"DATABASE_URL": pg_server.dsn, "REDIS_URL": redis_server.url}
+
+    refused = run_module(env, "dead", "replay", "--all")  # stdin is not a terminal
+    assert refused.returncode == 2
+    assert "pass --yes" in refused.stderr
+    dry = run_module(env, "dead", "replay", "--all", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[-1] == "dry run: would replay 3, skipped 2, failed 0"
+    assert len(await pipe.dead_ids()) == 5
+    assert (
+        await pipe.pool.fetchval("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NULL") == 0
+    )
+
+    done = run_module(env, "dead", "replay", "--all", "--yes")
+    # Skipped entries are reported but are not failures: exit 0.
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "replayed 3, skipped 2, failed 0"
+    assert f"skipped {ids['no_envelope']}: no envelope" in done.stdout
+    assert f"skipped {ids['garbage']}: envelope does not decode" in done.stdout
+    assert "Traceback" not in done.stderr
+    assert sorted(await pipe.dead_ids()) == sorted([ids["garbage"], ids["no_envelope"]])
+    assert (
+        await pipe.pool.fetchval("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NULL") == 3
+    )
+
+    pipe.handlers.fail = False
+    assert await pipe.work() == 3
+    assert sorted(pipe.handlers.done) == [("t", 0), ("t", 1), ("u", 0)]
+    assert await pipe.pool.fetchval("SELECT count(*) FROM outbox WHERE completed_at IS NULL") == 0
+
+
+async def test_replay_by_task_asks_on_a_terminal(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = await pipe.make_dead_letters()
+    monkeypatch.setattr(sys, "stdin", FakeTty("n\n"))
+    assert await ctl("dead", "replay", "--task", "t") == 1
+    assert "aborted" in capsys.readouterr().err
+    assert len(await pipe.dead_ids()) == 5
+
+    monkeypatch.setattr(sys, "stdin", FakeTty("y\n"))
+    assert await ctl("dead", "replay", "--task", "t", "--quiet") == 0
+    out = capsys.readouterr()
+    assert "replay 2 dead letter(s) (task=t)? [y/N]" in out.err
+    assert out.out.strip() == "replayed 2, skipped 0, failed 0"  # --quiet: no per-item lines
+    assert sorted(await pipe.dead_ids()) == sorted([ids["u0"], ids["garbage"], ids["no_envelope"]])
+
+
+async def test_replay_ids_counts_missing_as_failed_and_skips_garbage(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await pipe.make_dead_letters()
+    capsys.readouterr()
+    assert await ctl("dead", "replay", ids["garbage"], "1-1", ids["u0"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "replayed 1, skipped 1, failed 1"
+    assert "failed 1-1: no such dead letter" in out
+    assert ids["garbage"] in await pipe.dead_ids()
+    assert ids["u0"] not in await pipe.dead_ids()
+
+
+# -- purge ---------------------------------------------------------------------------------
+
+
+async def test_purge_by_id_and_by_age(pipe: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+    # An entry that failed in 1970 (ids only grow, so it goes in first).
+    old = (await pipe.redis.xadd(DEAD, {"reason": "ancient"}, id="1000-0")).decode()
+    ids = await pipe.make_dead_letters()
+    capsys.readouterr()
+
+    assert await ctl("dead", "purge", ids["t0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "purged 1, failed 0"
+    assert ids["t0"] not in await pipe.dead_ids()
+    assert await pipe.redis.xlen(DEAD) == 5
+
+    assert await ctl("dead", "purge", "1-1") == 1  # not there
+    assert "failed 1-1: no such dead letter" in capsys.readouterr().out
+
+    assert await ctl("dead", "purge", "--older-than", "7d") == 2  # not a terminal, no --yes
+    assert await pipe.redis.xlen(DEAD) == 5
+
+    assert await ctl("dead", "purge", "--older-than", "7d", "--yes") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "purged 1, failed 0"
+    assert old not in await pipe.dead_ids()
+    assert await pipe.redis.xlen(DEAD) == 4  # the recent ones stay
+
+    assert await ctl("dead", "purge", "--older-than", "1h", "--yes") == 0
+    assert "no dead letters match" in capsys.readouterr().out
+    assert await pipe.redis.xlen(DEAD) == 4
+
+    assert await ctl("dead", "purge", "--older-than", "7x") == 2
+    assert "invalid duration" in capsys.readouterr().err
+
+
+# -- configuration and errors --------------------------------------------------------------
+
+
+async def test_bad_configuration_and_usage_exit_2(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL")
+    assert await ctl("status") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("outboxctl: invalid configuration: DATABASE_URL")
+    assert len(err.strip().splitlines()) == 1
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://h/db")
+    monkeypatch.setenv("REDIS_URL", "http://h")
+    assert await ctl("dead", "list") == 2
+    assert "REDIS_URL" in capsys.readouterr().err
+
+    monkeypatch.setenv("REDIS_URL", "redis://h")
+    monkeypatch.setenv("QUEUE", "no spaces allowed")
+    assert await ctl("dead", "list") == 2
+    assert "QUEUE" in capsys.readouterr().err
+
+    monkeypatch.delenv("QUEUE")
+    assert await ctl() == 2
+    assert await ctl("dead", "replay") == 2
+    assert "give dead-letter IDs" in capsys.readouterr().err
+    assert await ctl("dead", "replay", "1-0", "--all") == 2
+    assert await ctl("dead", "purge", "--all", "--older-than", "1d") == 2
+    assert await ctl("dead", "list", "--limit", "-1") == 2
+
+
+def test_unreachable_redis_is_one_line(pg_server: PostgresServer) -> None:
+    out = run_module(
+        {"DATABASE_URL": pg_server.dsn, "REDIS_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"},
+        "dead",
+        "list",
+    )
+    assert out.returncode == 1
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("outboxctl: cannot reach Redis at 127.0.0.1:")
+    assert "s3cret" not in out.stderr
+
+
+async def test_unreachable_postgres_is_one_line(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db")
+    assert await ctl("status") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("outboxctl: cannot reach Postgres at 127.0.0.1:")
+    assert len(err.strip().splitlines()) == 1
+    assert "hunter2" not in err

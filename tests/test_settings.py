@@ -1,0 +1,120 @@
+"""Settings come from the environment and are validated at start with a clear message."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from api_service.settings import ApiSettings
+from relay.settings import RelaySettings
+from shared import settings
+from shared.envelope import Envelope
+from shared.errors import ConfigError, EnvelopeError
+from worker_service.app import VerifyEmailSettings
+from worker_service.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {"DATABASE_URL": "postgresql://u@db:5432/x", "REDIS_URL": "redis://r:6379/0"}
+ALL: list[type[BaseSettings]] = [ApiSettings, RelaySettings, WorkerSettings, VerifyEmailSettings]
+
+
+def env_names(cls: type[BaseSettings]) -> list[str]:
+    return [f.alias or name.upper() for name, f in cls.model_fields.items()]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL: Value error, must be a URL with scheme"),
+        ({"REDIS_URL": "redis://"}, "REDIS_URL: Value error, must name a host"),
+        (
+            {"SHUTDOWN_GRACE_SECONDS": "-1"},
+            "SHUTDOWN_GRACE_SECONDS: Input should be greater than 0",
+        ),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL: Input should be"),
+        ({"WORKER_CONCURRENCY": "many"}, "WORKER_CONCURRENCY: Input should be a valid integer"),
+        (
+            {"WORKER_RETRY_BACKOFF_BASE_SECONDS": "10", "WORKER_RETRY_BACKOFF_MAX_SECONDS": "1"},
+            "WORKER_RETRY_BACKOFF_MAX_SECONDS must be >= the base",
+        ),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for k, v in {**GOOD, **env}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings.load(WorkerSettings)
+
+
+def test_missing_required_values_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(ConfigError) as e:
+        settings.load(RelaySettings)
+    assert "DATABASE_URL: Field required" in str(e.value)
+    assert "REDIS_URL: Field required" in str(e.value)
+
+
+@pytest.mark.parametrize("module", ["api_service", "relay", "worker_service", "shared.migrate"])
+def test_services_exit_2_with_a_one_line_message(module: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": "nope", "REDIS_URL": "redis://r"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "DATABASE_URL" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted({n for cls in ALL for n in env_names(cls) if f"`{n}`" not in readme})
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {b"e": b"not json"},
+        {b"e": b"[]"},
+        {b"e": b'{"v": 2}'},
+        {b"e": b'{"v": 1, "id": "zzz", "type": "t", "payload": {}, "created_at": "2026-01-01"}'},
+        {
+            b"e": b'{"v": 1, "id": "5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10", "type": 5,'
+            b' "payload": {}, "created_at": "2026-01-01"}'
+        },
+        {
+            b"e": b'{"v": 1, "id": "5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10", "type": "t",'
+            b' "payload": {}, "created_at": "yesterday"}'
+        },
+    ],
+)
+def test_envelope_garbage_is_an_envelope_error(fields: dict[bytes, bytes]) -> None:
+    with pytest.raises(EnvelopeError):
+        Envelope.decode(fields)
+
+
+def test_envelope_round_trip() -> None:
+    from datetime import UTC, datetime
+
+    env = Envelope(
+        "5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10",
+        "t",
+        {"a": [1, "x"]},
+        datetime(2026, 1, 1, tzinfo=UTC),
+        {"request_id": "r1"},
+    )
+    assert Envelope.decode({b"e": env.encode()}) == env
+    assert env.request_id == "r1"
