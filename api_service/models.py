@@ -24,18 +24,37 @@ Username = Annotated[
         examples=["alice_01"],
     ),
 ]
+# The pattern documents the rule in the OpenAPI schema; the validator enforces it with a
+# clearer message than "should match pattern".
+_PRINTABLE = {"pattern": "^[^\\u0000-\\u001f\\u007f]*$"}
+
 FullName = Annotated[
     str,
-    Field(min_length=1, max_length=100, examples=["Alice Liddell"]),
+    Field(min_length=1, max_length=100, examples=["Alice Liddell"], json_schema_extra=_PRINTABLE),
     AfterValidator(_no_control_chars),
 ]
 # The upper bound keeps hashing cheap to refuse: no megabyte passwords through argon2.
 Password = Annotated[
     str,
-    Field(min_length=8, max_length=128, description="8 to 128 characters."),
+    Field(
+        min_length=8,
+        max_length=128,
+        description="8 to 128 characters, no control characters.",
+        json_schema_extra=_PRINTABLE,
+    ),
     AfterValidator(_no_control_chars),
 ]
-Email = Annotated[EmailStr, Field(max_length=254, examples=["alice@example.com"])]
+Email = Annotated[
+    EmailStr,
+    Field(
+        max_length=254,
+        examples=["alice@example.com"],
+        description=(
+            "A deliverable address: stricter than the `email` format, special-use domains"
+            " (.test, .invalid, .local, localhost) are refused. Unique regardless of case."
+        ),
+    ),
+]
 
 
 class SignupRequest(BaseModel):
