@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from aiohttp import web
 
 from api_service.app import create_app
 from api_service.settings import ApiSettings
-from shared import logs, settings
-from shared.errors import ConfigError
+from shared import entrypoint
 from shared.lifecycle import install_signal_handlers
 
 logger = logging.getLogger("api_service")
@@ -36,19 +34,8 @@ async def serve(cfg: ApiSettings) -> None:
 
 
 def main() -> None:
-    try:
-        cfg = settings.load(ApiSettings)
-    except ConfigError as e:
-        print(f"api_service: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    logs.setup("api", cfg.log_level)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(serve(cfg))
+    cfg = entrypoint.load_settings("api_service", ApiSettings)
+    entrypoint.run("api", cfg.log_level, lambda: serve(cfg))
 
 
 if __name__ == "__main__":

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 
 from relay.listener import Listener
 from relay.maintenance import Maintenance
 from relay.publisher import RelayLoop
 from relay.reconciler import Reconciler
 from relay.settings import RelaySettings
-from shared import logs, settings
+from shared import entrypoint
 from shared.connections import create_pool, create_redis
-from shared.errors import ConfigError
 from shared.http_probe import ProbeServer
 from shared.lifecycle import run_until_signalled
 
@@ -41,19 +38,8 @@ async def serve(cfg: RelaySettings) -> None:
 
 
 def main() -> None:
-    try:
-        cfg = settings.load(RelaySettings)
-    except ConfigError as e:
-        print(f"relay: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    logs.setup("relay", cfg.log_level)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(serve(cfg))
+    cfg = entrypoint.load_settings("relay", RelaySettings)
+    entrypoint.run("relay", cfg.log_level, lambda: serve(cfg))
 
 
 if __name__ == "__main__":

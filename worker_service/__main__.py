@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 
-from shared import logs, settings
+from shared import entrypoint
 from shared.connections import create_pool, create_redis
-from shared.errors import ConfigError
 from shared.http_probe import ProbeServer
 from shared.lifecycle import run_until_signalled
 from worker_service.consumer import Worker
@@ -50,24 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the Router to run, as module:attribute (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    cfg = entrypoint.load_settings("worker", WorkerSettings)
     try:
-        cfg = settings.load(WorkerSettings)
         router = load_app(args.app)
-    except (ConfigError, ValueError, ImportError) as e:
-        print(f"worker: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    logs.setup("worker", cfg.log_level)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(serve(cfg, router))
-    except ConfigError as e:  # raised by the app's startup hook
-        print(f"worker: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ValueError, ImportError) as e:
+        entrypoint.config_error("worker", e)
+    entrypoint.run("worker", cfg.log_level, lambda: serve(cfg, router))
 
 
 if __name__ == "__main__":
