@@ -1,0 +1,89 @@
+"""`make run`'s supervisor, as a user runs it: everything starts, a signup's email lands in
+<data>/mail, Ctrl-C stops everything cleanly, and the data survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from devstack.procs import free_port, wait_for_port
+from tests.helpers import eventually, signup_body
+
+
+def start(data: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "SMTP_URL")
+    }
+    env.update(
+        {
+            "API_PORT": str(ports["api"]),
+            "DEV_PG_PORT": str(ports["pg"]),
+            "DEV_REDIS_PORT": str(ports["redis"]),
+            "DEV_SMTP_PORT": str(ports["smtp"]),
+            "DEV_RELAY_METRICS_PORT": str(ports["relay"]),
+            "DEV_WORKER_METRICS_PORT": str(ports["worker"]),
+            "ARGON2_TIME_COST": "1",
+            "ARGON2_MEMORY_KIB": "1024",
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "devstack", "--data", str(data)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out
+
+
+@pytest.mark.timeout(240)
+async def test_make_run_supervisor(workdir: Path) -> None:
+    data = workdir / "devstack-data"
+    ports = {k: free_port() for k in ("api", "pg", "redis", "smtp", "relay", "worker")}
+    proc = start(data, ports)
+    try:
+        await asyncio.to_thread(wait_for_port, ports["api"], 60)
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                f"http://127.0.0.1:{ports['api']}/v1/users", json=signup_body("devstack")
+            )
+            assert resp.status == 201
+
+        async def mailed() -> bool:
+            return bool(list((data / "mail").glob("*.eml")))
+
+        await eventually(mailed, timeout=10)
+        (mail,) = list((data / "mail").glob("*.eml"))
+        assert f"http://localhost:{ports['api']}/v1/verify_email?" in mail.read_text()
+    finally:
+        code, out = stop(proc)
+    assert code == 0, out[-3000:]
+    assert f"API:        http://localhost:{ports['api']}" in out
+    assert "stopped" in out
+    for port in ports.values():  # every server and service is gone
+        with pytest.raises(TimeoutError, match="nothing listening"):
+            await asyncio.to_thread(wait_for_port, port, 0.2)
+    # Data under the data folder survives: the user is still there after a restart.
+    proc = start(data, ports)
+    try:
+        await asyncio.to_thread(wait_for_port, ports["api"], 60)
+        async with aiohttp.ClientSession() as http:
+            again = await http.post(
+                f"http://127.0.0.1:{ports['api']}/v1/users", json=signup_body("devstack")
+            )
+            assert again.status == 409
+    finally:
+        code, out = stop(proc)
+    assert code == 0, out[-3000:]
