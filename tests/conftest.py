@@ -119,3 +119,32 @@ def service_env(
 @pytest.fixture
 def ports() -> dict[str, int]:
     return {"api": free_port(), "relay": free_port(), "worker": free_port()}
+
+
+# Log events that mean a loop or a request hit an exception it did not expect.
+_FAILURE_EVENTS = {
+    "loop_iteration_failed",
+    "worker_loop_failed",
+    "worker_entry_failed",
+    "request_failed",
+    "service_stop_failed",
+    "app_shutdown_hook_failed",
+}
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_loop_failures(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """A test fails if code it ran in this process logged an unhandled failure, unless it
+    injects one on purpose (marker `expect_loop_failures`)."""
+    yield
+    if request.node.get_closest_marker("expect_loop_failures"):
+        return
+    failures = [
+        r.getMessage()
+        for when in ("setup", "call")
+        for r in caplog.get_records(when)
+        if r.getMessage() in _FAILURE_EVENTS
+    ]
+    assert not failures, f"unexpected failures logged: {failures}"

@@ -186,6 +186,7 @@ async def test_stop_before_start_is_safe(
     await relay.stop()
 
 
+@pytest.mark.expect_loop_failures
 async def test_redis_down_backs_off_and_loses_nothing(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,
