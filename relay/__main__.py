@@ -20,12 +20,22 @@ logger = logging.getLogger("relay")
 async def serve(cfg: RelaySettings) -> None:
     pool = await create_pool(cfg.database_url, max_size=cfg.db_pool_size)
     redis = create_redis(cfg.redis_url)
-    relay = RelayLoop(pool, redis, cfg)
-    listener = Listener(cfg.database_url, relay.wake)
-    reconciler = Reconciler(pool, redis, relay.publisher, after_seconds=cfg.reconcile_after_seconds)
+    # SKIP LOCKED lets several loops of one process drain side by side, like replicas.
+    relays = [RelayLoop(pool, redis, cfg, name=f"relay-{i}") for i in range(cfg.concurrency)]
+
+    def wake_all() -> None:
+        for r in relays:
+            r.wake()
+
+    listener = Listener(cfg.database_url, wake_all)
+    reconciler = Reconciler(
+        pool, redis, relays[0].publisher, after_seconds=cfg.reconcile_after_seconds
+    )
     maintenance = Maintenance(pool, reconciler, cfg)
     probe = ProbeServer(
-        cfg.metrics_host, cfg.metrics_port, healthy=lambda: relay.running and listener.running
+        cfg.metrics_host,
+        cfg.metrics_port,
+        healthy=lambda: listener.running and all(r.running for r in relays),
     )
 
     async def close() -> None:
@@ -33,7 +43,7 @@ async def serve(cfg: RelaySettings) -> None:
         await pool.close()
 
     await run_until_signalled(
-        [probe, listener, relay, maintenance], cfg.shutdown_grace_seconds, close
+        [probe, listener, *relays, maintenance], cfg.shutdown_grace_seconds, close
     )
 
 

@@ -137,8 +137,15 @@ class RelayLoop(Loop):
 
     name = "relay"
 
-    def __init__(self, pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings):
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        redis: aioredis.Redis,
+        settings: RelaySettings,
+        name: str = "relay",
+    ) -> None:
         super().__init__()
+        self.name = name
         self.pool = pool
         self.settings = settings
         self.publisher = Publisher(redis, settings.dedupe_ttl_seconds)

@@ -9,6 +9,13 @@ from shared.settings import CommonSettings
 
 class RelaySettings(CommonSettings):
     batch_size: int = Field(1000, ge=1, le=10_000, alias="RELAY_BATCH_SIZE")
+    concurrency: int = Field(
+        2,
+        ge=1,
+        le=32,
+        alias="RELAY_CONCURRENCY",
+        description="Batches in flight per process: one's Postgres work overlaps another's Redis.",
+    )
     poll_interval_seconds: float = Field(
         1.0,
         gt=0,

