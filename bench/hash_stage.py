@@ -1,0 +1,142 @@
+"""Stage 4: signups with the API's production argon2id parameters (time 3, 64 MiB, p=1).
+
+Baseline in the same run: the hash-bound limit, cores / (median time of one hash with
+argon2-cffi in this process). Only the API runs (plus Postgres): the relay and worker add
+nothing the limit depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from bench.common import Figure, Stack, StageResult, cores, log, percentile
+from bench.e2e_stage import hash_times, post_signup
+
+STAGE = "4 production hash"
+TIME_COST, MEMORY_KIB = 3, 65_536
+
+
+async def closed_loop(
+    url: str, concurrency: int, duration: float, warmup: float
+) -> tuple[int, int]:
+    """`concurrency` clients in a loop; (successes, errors) completed after the warm-up."""
+    ok = errors = 0
+    start = time.perf_counter()
+    count_from, stop_at = start + warmup, start + warmup + duration
+
+    async def client(k: int, session: aiohttp.ClientSession) -> None:
+        nonlocal ok, errors
+        i = 0
+        while time.perf_counter() < stop_at:
+            status, _ = await post_signup(session, url, f"p{k}_{i}")
+            i += 1
+            done = time.perf_counter()
+            if count_from <= done <= stop_at:
+                if status == 201:
+                    ok += 1
+                else:
+                    errors += 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
+        await asyncio.gather(*(client(k, session) for k in range(concurrency)))
+    return ok, errors
+
+
+async def run(stack: Stack, hash_samples: int, sequential: int, duration: float) -> StageResult:
+    log("stage 4: production argon2id (time 3, 64 MiB, parallelism 1)")
+    await stack.reset()
+    # The machine is shared: hashes are timed before and after the load, and the median of
+    # both sets is the baseline.
+    times = hash_times(TIME_COST, MEMORY_KIB, hash_samples)
+    n_cores = cores()
+    log(f"  hash median before the load {percentile(times, 50) * 1000:.1f} ms")
+    api = stack.service("api").start()
+    try:
+        await api.wait_healthy("/readyz")
+        url = f"http://127.0.0.1:{api.port}/v1/users"
+        async with aiohttp.ClientSession() as session:
+            # Every pooled connection is opened on first use: use them all once first.
+            await asyncio.gather(*(post_signup(session, url, f"prod_w{i}") for i in range(12)))
+            seq = []
+            for i in range(sequential):
+                _, secs = await post_signup(session, url, f"prod_seq_{i}")
+                seq.append(secs)
+        seq_med = percentile(seq, 50)
+        concurrency = 4 * n_cores
+        log(f"  closed loop, {concurrency} clients, {duration:.0f}s")
+        ok, errors = await closed_loop(url, concurrency, duration, warmup=1.0)
+        rate = ok / duration
+        peak = api.memory()[1]
+    finally:
+        api.stop()
+    after = hash_times(TIME_COST, MEMORY_KIB, hash_samples)
+    times += after
+    med = percentile(times, 50)
+    limit = n_cores / med
+    log(
+        f"  hash median after {percentile(after, 50) * 1000:.1f} ms, of both {med * 1000:.1f} ms"
+        f" -> limit {limit:.1f} signups/s on {n_cores} cores"
+    )
+    log(f"  {rate:.1f} signups/s ({rate / limit:.0%} of the limit), API peak RSS {peak:.0f} MiB")
+    res = StageResult(
+        details={
+            "hash_ms": [t * 1000 for t in times],
+            "hash_ms_median": med * 1000,
+            "cores": n_cores,
+            "limit_per_s": limit,
+            "sequential_http_ms": [t * 1000 for t in seq],
+            "closed_loop": {
+                "concurrency": concurrency,
+                "duration_s": duration,
+                "ok": ok,
+                "errors": errors,
+                "rate": rate,
+            },
+            "api_peak_rss_mib": peak,
+        }
+    )
+    res.figures += [
+        Figure(
+            STAGE,
+            "signups/s, production hash",
+            rate,
+            "/s",
+            limit,
+            f"cores/hash = {n_cores}/{med * 1000:.0f} ms",
+            ">=",
+            0.9,
+            target_on="ratio",
+            target_label=">= 90% of limit",
+            note=f"{concurrency} clients, {errors} errors",
+        ),
+        Figure(
+            STAGE,
+            "API overhead beyond hash median (sequential)",
+            (seq_med - med) * 1000,
+            "ms",
+            med * 1000,
+            "hash median",
+            "<",
+            1,
+            target_label="< 1 ms",
+            note=f"HTTP p50 {seq_med * 1000:.1f} ms over {sequential} signups",
+        ),
+        Figure(
+            STAGE,
+            "API peak RSS, production hash (VmHWM)",
+            peak,
+            "MiB",
+            64.0 * n_cores,
+            "64 MiB x hash threads",
+            "<",
+            100,
+            target_label="< 100 MB",
+        ),
+    ]
+    return res
