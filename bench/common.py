@@ -250,6 +250,7 @@ class Service:
                 "200",
                 "-o",
                 str(out),
+                *(["--format", "raw"] if out.suffix == ".txt" else []),
                 "--pid",
                 str(self.pid),
             ],

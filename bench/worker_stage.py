@@ -24,6 +24,7 @@ from bench.common import (
     poll_until,
     server_counters,
 )
+from shared.autopipeline import AutoPipelineRedis
 from shared.constants import CONSUMER_GROUP, ENVELOPE_FIELD, stream_key
 from shared.envelope import Envelope
 
@@ -78,14 +79,17 @@ async def bare_read_ack(stack: Stack, n: int) -> float:
         await r.aclose()
 
 
-async def bare_read_incr_ack(stack: Stack, n: int, concurrency: int) -> float:
+async def bare_read_incr_ack(stack: Stack, n: int, concurrency: int, auto: bool) -> float:
     """Baseline 2: like the worker's defaults, read `concurrency` entries, one INCR each
-    (concurrently, one asyncio task per entry), then XACK them; no decoding, no bookkeeping."""
+    (concurrently, one asyncio task per entry), then XACK them; no decoding, no bookkeeping.
+    The INCR goes through plain redis.asyncio, or (`auto`) through the auto-pipelining
+    client that the worker gives its handlers."""
     r = stack.redis()
     key, group = stream_key(), "bench-bare-incr"
+    h = AutoPipelineRedis(connection_pool=r.connection_pool) if auto else r
 
     async def incr() -> None:
-        await r.incr("bench:bare-incr")
+        await h.incr("bench:bare-incr")
 
     try:
         await r.xgroup_create(key, group, id="0")
@@ -157,15 +161,18 @@ async def run(stack: Stack, n: int, profile_dir: Path | None) -> StageResult:
     log(f"  {n:,} entries in the stream ({secs:.1f}s); baseline: bare XREADGROUP+XACK")
     base = n / await bare_read_ack(stack, n)
     log(f"  baseline: {base:,.0f} entries/s; baseline 2: read 64 + 64 INCR tasks + XACK")
-    base2 = n / await bare_read_incr_ack(stack, n, WORKER_CONCURRENCY)
-    log(f"  baseline 2: {base2:,.0f} entries/s; starting one worker process")
-    prof = profile_dir / "worker.svg" if profile_dir else None
+    base2 = n / await bare_read_incr_ack(stack, n, WORKER_CONCURRENCY, auto=False)
+    base3 = n / await bare_read_incr_ack(stack, n, WORKER_CONCURRENCY, auto=True)
+    log(f"  baseline 2: {base2:,.0f} entries/s (plain INCR), {base3:,.0f} (auto-pipelined)")
+    log("  starting one worker process")
+    prof = profile_dir / "worker.txt" if profile_dir else None
     got = await drain_with_worker(stack, n, prof, "worker")
     res = StageResult(
         details={
             "entries": n,
             "bare_read_ack_per_s": base,
             "bare_read_incr_ack_per_s": base2,
+            "bare_read_autopipelined_incr_ack_per_s": base3,
             "worker": got,
         }
     )
@@ -183,11 +190,19 @@ async def run(stack: Stack, n: int, profile_dir: Path | None) -> StageResult:
         ),
         Figure(
             STAGE,
-            "worker entries/s vs bare loop with the handler's INCR",
+            "worker entries/s vs bare loop, plain redis.asyncio INCR",
             got["rate"],
             "ent/s",
             base2,
             "bare XREADGROUP 64 + 64 INCR tasks + XACK",
+        ),
+        Figure(
+            STAGE,
+            "worker entries/s vs bare loop with the handler's auto-pipelined INCR",
+            got["rate"],
+            "ent/s",
+            base3,
+            "the same bare loop, INCR through AutoPipelineRedis",
         ),
         Figure(
             STAGE,

@@ -25,6 +25,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from shared.autopipeline import AutoPipelineRedis
 from shared.constants import RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
 from shared.errors import EnvelopeError, PermanentError
@@ -66,6 +67,8 @@ class Worker:
         self.router = router
         self.pool = pool
         self.redis = redis
+        # What handlers get: the same pool, their commands in one turn sent as one pipeline.
+        self.handler_redis = AutoPipelineRedis(connection_pool=redis.connection_pool)
         self.settings = settings
         self.consumer = settings.consumer_name
         self.queue = StreamQueue(redis, settings.queue)
@@ -335,7 +338,9 @@ class Worker:
 
     async def _run_handler(self, entry: Entry, envelope: Envelope, route: Route) -> None:
         s = self.settings
-        ctx = TaskContext(envelope, entry.deliveries, entry.id, self.pool, self.redis, self.state)
+        ctx = TaskContext(
+            envelope, entry.deliveries, entry.id, self.pool, self.handler_redis, self.state
+        )
         timeout = route.timeout or s.task_timeout_seconds
         max_attempts = route.max_attempts or s.max_attempts
         m = metrics.for_task(route.task_type)

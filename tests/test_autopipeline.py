@@ -1,0 +1,98 @@
+"""The handlers' auto-pipelining Redis client, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from devstack.redis import RedisServer
+from shared.autopipeline import AutoPipelineRedis
+from shared.connections import create_redis
+
+
+def counting(client: AutoPipelineRedis) -> list[int]:
+    """Record the size of every pipeline the client sends."""
+    sizes: list[int] = []
+    send = client._send
+
+    async def spy(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        await send(batch)
+
+    client._send = spy  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_one_turn_of_commands_is_one_pipeline_and_each_caller_gets_its_reply(
+    redis: aioredis.Redis,
+) -> None:
+    client = AutoPipelineRedis(connection_pool=redis.connection_pool)
+    sizes = counting(client)
+    replies = await asyncio.gather(*(client.incr("ap:n") for _ in range(100)))
+    assert sorted(replies) == list(range(1, 101))
+    assert sizes == [100]
+    # Response callbacks apply as on the plain client.
+    await client.set("ap:s", "x")
+    assert await client.get("ap:s") == b"x"
+    assert await client.exists("ap:s", "ap:missing") == 1
+    assert await client.hset("ap:h", mapping={"a": "1"}) == 1
+    assert await client.hgetall("ap:h") == {b"a": b"1"}
+
+
+async def test_an_error_reaches_only_its_own_caller(redis: aioredis.Redis) -> None:
+    client = AutoPipelineRedis(connection_pool=redis.connection_pool)
+    await redis.set("ap:text", "not a number")
+    results = await asyncio.gather(
+        client.incr("ap:n"), client.incr("ap:text"), client.incr("ap:n"), return_exceptions=True
+    )
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], ResponseError)
+
+
+async def test_blocking_commands_do_not_hold_the_batch(redis: aioredis.Redis) -> None:
+    client = AutoPipelineRedis(connection_pool=redis.connection_pool)
+    sizes = counting(client)
+    blpop = asyncio.ensure_future(client.blpop(["ap:list"], timeout=5))
+    assert list(await asyncio.gather(client.incr("ap:a"), client.incr("ap:b"))) == [1, 1]
+    assert not blpop.done()  # still waiting, on its own connection
+    await client.rpush("ap:list", "item")
+    got = await blpop
+    assert got is not None and tuple(got) == (b"ap:list", b"item")
+    assert sum(sizes) == 3  # the two INCRs and the RPUSH; BLPOP went straight through
+
+
+async def test_a_caller_that_gives_up_does_not_disturb_the_others(redis: aioredis.Redis) -> None:
+    client = AutoPipelineRedis(connection_pool=redis.connection_pool)
+    gone = asyncio.ensure_future(client.incr("ap:n"))
+    kept = asyncio.ensure_future(client.incr("ap:n"))
+    await asyncio.sleep(0)  # both queued
+    gone.cancel()
+    assert await kept in (1, 2)
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+
+async def test_a_lost_connection_fails_every_caller_then_recovers(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    server = RedisServer(tmp_path / "data")
+    server.start()
+    base = create_redis(server.url)
+    client = AutoPipelineRedis(connection_pool=base.connection_pool)
+    try:
+        assert await client.incr("ap:n") == 1
+        server.stop()
+        results = await asyncio.gather(
+            *(client.incr("ap:n") for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+        server.start()
+        assert await client.incr("ap:n") == 2  # appendonly: the count survived the restart
+    finally:
+        await base.aclose()
+        server.stop()
