@@ -165,7 +165,7 @@ async def run(stack: Stack, n: int, profile_dir: Path | None) -> StageResult:
     base3 = n / await bare_read_incr_ack(stack, n, WORKER_CONCURRENCY, auto=True)
     log(f"  baseline 2: {base2:,.0f} entries/s (plain INCR), {base3:,.0f} (auto-pipelined)")
     log("  starting one worker process")
-    prof = profile_dir / "worker.txt" if profile_dir else None
+    prof = profile_dir / "worker.svg" if profile_dir else None
     got = await drain_with_worker(stack, n, prof, "worker")
     res = StageResult(
         details={
