@@ -106,3 +106,32 @@ def plot(path: Path, windows: list[dict[str, Any]], idle: dict[str, Any]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The README's table, from a results JSON: `python -m bench.report FILE.json`."""
+    m = doc["machine"]
+    lines = [
+        f"Measured {doc['when'][:16].replace('T', ' ')} UTC at commit `{doc['git']}`"
+        f"{' (--quick)' if doc['quick'] else ''}: {m['cores']} cores, Python {m['python']},"
+        f" {m['platform']}, load average {m['load_avg'][0]:.2f} at the start.",
+        "",
+        "| stage | figure | value | baseline (same run) | ratio | target | met |",
+        "| --- | --- | ---: | --- | ---: | --- | --- |",
+    ]
+    for f in doc["figures"]:
+        ok = {True: "yes", False: "**no**", None: ""}[f["ok"]]
+        ratio = "" if f["ratio"] is None else f"{f['ratio']:.2f}x"
+        base = f"{_num(f['baseline'])} ({f['baseline_label']})" if f["baseline_label"] else ""
+        name = f["name"] + (f" — {f['note']}" if f["note"] else "")
+        value = f"{_num(f['value'])} {f['unit']}"
+        lines.append(
+            f"| {f['stage']} | {name} | {value} | {base} | {ratio} | {f['target_label']} | {ok} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(orjson.loads(Path(sys.argv[1]).read_bytes())))
