@@ -64,6 +64,24 @@ class Recorder:
         async def slow(ctx: TaskContext) -> None:
             await asyncio.sleep(5)
 
+        @self.router.handler("masks_cancel", timeout=0.2)
+        async def masks_cancel(ctx: TaskContext) -> None:
+            # As redis-py may do: a cancellation in the middle of a call comes out as
+            # another error.
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                raise ConnectionError("connection closed by cancellation") from None
+
+        @self.router.handler("own_timeout", timeout=5)
+        async def own_timeout(ctx: TaskContext) -> None:
+            raise TimeoutError("SMTP server did not answer")
+
+        @self.router.handler("quick", timeout=0.2)
+        async def quick(ctx: TaskContext) -> None:
+            await asyncio.sleep(0.01)
+            self.calls.append(("quick", ctx.attempt))
+
 
 def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSettings:
     base: dict[str, Any] = {
@@ -298,6 +316,59 @@ async def test_task_timeout_counts_as_a_failure(
     (dead,) = await dead_letters(redis)
     assert dead["reason"] == "max_attempts"
     assert "timed out after 0.2s" in dead["error"]
+
+
+async def test_timeouts_hit_only_the_late_handlers_and_leave_no_trace_on_the_task(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """Timeouts come from one sweeper, not a timer per handler: check what it must keep."""
+    await publish(2, task="slow")
+    await publish(2, task="masks_cancel", start=2)
+    await publish(1, task="own_timeout", start=4)
+    await publish(20, task="quick", start=5)
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.setup()
+    cancelling: list[int] = []
+    original = worker._run_handler
+
+    async def run_and_inspect(*args: Any) -> None:
+        await original(*args)
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling.append(task.cancelling())
+
+    worker._run_handler = run_and_inspect  # type: ignore[method-assign,assignment]
+    started = time.monotonic()
+    assert await worker.run_once() == 25
+    assert time.monotonic() - started < 3  # the 0.2 s timeouts, not the 5 s sleeps
+    assert cancelling == [0] * 25  # the sweeper's cancellations were taken back
+    assert [c for c in rec.calls if c[0] == "quick"] == [("quick", 1)] * 20
+    assert await pending_count(redis) == 5  # parked for retry: 2 slow, 2 masking, 1 own
+    assert worker._deadlines == {} and worker._timed_out == set()
+
+
+async def test_a_handler_masking_its_timeout_still_counts_as_timed_out(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(1, task="masks_cancel")
+    await publish(1, task="own_timeout", start=1)
+    s = worker_settings(pg_server, redis_server, max_attempts=1)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    await worker.run_once()
+    errors = sorted(d["error"] for d in await dead_letters(redis))
+    # The worker's timeout says so; a handler's own TimeoutError keeps its message.
+    assert errors == ["TimeoutError: SMTP server did not answer", "timed out after 0.2s"]
 
 
 async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(
