@@ -6,7 +6,7 @@ import logging
 
 from relay.listener import Listener
 from relay.maintenance import Maintenance
-from relay.publisher import RelayLoop
+from relay.publisher import RelayLoop, Wakeups
 from relay.reconciler import Reconciler
 from relay.settings import RelaySettings
 from shared import entrypoint
@@ -23,11 +23,10 @@ async def serve(cfg: RelaySettings) -> None:
     # SKIP LOCKED lets several loops of one process drain side by side, like replicas.
     relays = [RelayLoop(pool, redis, cfg, name=f"relay-{i}") for i in range(cfg.concurrency)]
 
-    def wake_all() -> None:
-        for r in relays:
-            r.wake()
-
-    listener = Listener(cfg.database_url, wake_all)
+    wakeups = Wakeups(list(relays))
+    for r in relays:
+        r.on_full_batch = wakeups.help
+    listener = Listener(cfg.database_url, wakeups.notify)
     reconciler = Reconciler(
         pool, redis, relays[0].publisher, after_seconds=cfg.reconcile_after_seconds
     )

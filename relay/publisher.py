@@ -10,15 +10,17 @@ the XADD by a Lua script) and records the existing stream id instead of adding i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from relay import metrics
 from relay.settings import RelaySettings
@@ -91,13 +93,24 @@ class Publisher:
     def __init__(self, redis: aioredis.Redis, dedupe_ttl: int) -> None:
         self.redis = redis
         self.dedupe_ttl = dedupe_ttl
-        self._script = redis.register_script(PUBLISH_SCRIPT)
+        # EVALSHA, loading the script only when Redis says NOSCRIPT (after a restart).
+        # redis-py's registered scripts would send SCRIPT EXISTS before every pipeline: a
+        # round trip per batch, and at a few hundred signups a second a batch is one row.
+        self._sha = hashlib.sha1(PUBLISH_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
     async def publish(self, rows: list[Row], *, force: bool = False) -> list[str]:
         """XADD every row (or find its earlier XADD); stream ids in row order.
 
         Raises ResponseError if Redis refuses a chunk; connection errors propagate.
         """
+        try:
+            return await self._publish(rows, force)
+        except NoScriptError:
+            # Nothing ran: EVALSHA of an unknown script has no effect. Load it, go again.
+            await self.redis.script_load(PUBLISH_SCRIPT)
+            return await self._publish(rows, force)
+
+    async def _publish(self, rows: list[Row], force: bool) -> list[str]:
         by_queue: dict[str, list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             by_queue[row.queue].append(i)
@@ -112,7 +125,7 @@ class Publisher:
                     ]
                     args: list[Any] = [self.dedupe_ttl, "1" if force else "0", ENVELOPE_FIELD]
                     args += [rows[i].data for i in chunk]
-                    await self._script(keys=keys, args=args, client=pipe)
+                    pipe.evalsha(self._sha, len(keys), *keys, *args)
             results = await pipe.execute(raise_on_error=True)
         ids: list[str] = [""] * len(rows)
         for chunk, result in zip(chunks, results, strict=True):
@@ -130,6 +143,35 @@ def to_row(rec: asyncpg.Record) -> Row:
         headers=rec["headers"],
     )
     return Row(rec["id"], rec["queue"], envelope.event_id, envelope.encode(), envelope.request_id)
+
+
+class Wakeups:
+    """Which of a process's relay loops a NOTIFY wakes.
+
+    One commit, one claim: waking every loop on every NOTIFY made all but one of them run
+    an empty claim transaction per signup, which at a few hundred signups a second was
+    most of the relay's and a good part of Postgres's CPU. An idle loop is woken; when
+    all are busy, one of them runs again as soon as its batch ends (a row committed after
+    its claim began is not in that batch). A loop that claimed a full batch calls help(),
+    so the others join in on a backlog.
+    """
+
+    def __init__(self, loops: list[Loop]) -> None:
+        self.loops = loops
+        self._turn = 0
+
+    def notify(self) -> None:
+        if not self.help():
+            self._turn = (self._turn + 1) % len(self.loops)
+            self.loops[self._turn].wake()
+
+    def help(self) -> bool:
+        """Wake one idle loop; False if none is idle."""
+        for loop in self.loops:
+            if loop.idle:
+                loop.wake()
+                return True
+        return False
 
 
 class RelayLoop(Loop):
@@ -150,6 +192,7 @@ class RelayLoop(Loop):
         self.settings = settings
         self.publisher = Publisher(redis, settings.dedupe_ttl_seconds)
         self.idle_interval = settings.poll_interval_seconds
+        self.on_full_batch: Callable[[], object] | None = None
 
     async def run_once(self) -> bool:
         """Publish one batch; True if the batch was full (more may be waiting)."""
@@ -170,7 +213,10 @@ class RelayLoop(Loop):
         metrics.PUBLISHED.inc(published)
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
-        return len(rows) >= self.settings.batch_size
+        full = len(rows) >= self.settings.batch_size
+        if full and self.on_full_batch is not None:
+            self.on_full_batch()
+        return full
 
     async def _publish_one_by_one(self, conn: DbConn, rows: list[Row]) -> int:
         """A row Redis will not take must not hold up the others (it is retried later)."""

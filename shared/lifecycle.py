@@ -53,6 +53,7 @@ class Loop(abc.ABC):
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wakeup = asyncio.Event()
+        self._working = False
         self.failures = 0
 
     @abc.abstractmethod
@@ -61,6 +62,11 @@ class Loop(abc.ABC):
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a wake-up (not inside run_once)."""
+        return self.running and not self._working
 
     @property
     def running(self) -> bool:
@@ -96,22 +102,26 @@ class Loop(abc.ABC):
     async def _run(self) -> None:
         logger.info("loop_started", extra={"loop": self.name})
         while not self._stopping.is_set():
+            self._working = True
             try:
-                busy = await self.run_once()
+                busy: bool | None = await self.run_once()
                 self.failures = 0
             except asyncio.CancelledError:
                 break
             except Exception:
+                busy = None
                 self.failures += 1
                 LOOP_ERRORS.labels(self.name).inc()
                 logger.exception(
                     "loop_iteration_failed", extra={"loop": self.name, "failures": self.failures}
                 )
+            finally:
+                self._working = False
+            if busy is None:
                 await self._sleep(
                     backoff_delay(self.failures, self.error_backoff_base, self.error_backoff_cap)
                 )
-                continue
-            if not busy:
+            elif not busy:
                 await self._sleep(self.idle_interval)
         logger.info("loop_stopped", extra={"loop": self.name})
 

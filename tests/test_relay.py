@@ -15,7 +15,7 @@ from devstack.postgres import PostgresServer
 from devstack.redis import RedisServer
 from relay.listener import Listener
 from relay.maintenance import refresh_backlog_gauges
-from relay.publisher import RelayLoop, to_row
+from relay.publisher import RelayLoop, Wakeups, to_row
 from relay.reconciler import Reconciler
 from relay.retention import purge_completed
 from relay.settings import RelaySettings
@@ -282,3 +282,71 @@ async def test_backlog_gauges(pool: asyncpg.Pool[Any]) -> None:
     backlog, oldest = await refresh_backlog_gauges(pool)
     assert backlog == 4
     assert 89 < oldest < 120
+
+
+def _calls(stats: dict[str, Any], prefix: str) -> int:
+    # Redis 6 counts `cmdstat_script`, Redis 7 `cmdstat_script|load` and so on.
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith(prefix))
+
+
+async def test_a_batch_is_one_evalsha_and_a_script_flush_is_survived(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    await add_events(pool, 30)
+    relay = RelayLoop(pool, redis, settings)
+    await redis.script_flush()  # as after a Redis restart: the script is unknown
+    before = await redis.info("commandstats")
+    assert await relay.run_once() is False
+    await add_events(pool, 30)
+    assert await relay.run_once() is False
+    after = await redis.info("commandstats")
+    assert await redis.xlen(stream_key()) == 60
+    # One SCRIPT LOAD after the NOSCRIPT, none per batch (no SCRIPT EXISTS round trip).
+    assert _calls(after, "cmdstat_script") - _calls(before, "cmdstat_script") == 1
+    assert _calls(after, "cmdstat_evalsha") - _calls(before, "cmdstat_evalsha") == 3
+
+
+async def test_a_notify_wakes_one_idle_loop_and_a_full_batch_calls_for_help(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """One claim per commit at low rates; every loop at work on a backlog."""
+    s = relay_settings(pg_server, redis_server, batch_size=100, poll_interval_seconds=300)
+    loops = [RelayLoop(pool, redis, s, name=f"relay-{i}") for i in range(3)]
+    wakeups = Wakeups(list(loops))
+    for loop in loops:
+        loop.on_full_batch = wakeups.help
+        await loop.start()
+    try:
+        await asyncio.sleep(0.05)  # all three wait for a wake-up (the poll is far away)
+        claims: list[str] = []
+        original = RelayLoop.run_once
+
+        async def counted(self: RelayLoop) -> bool:
+            claims.append(self.name)
+            return await original(self)
+
+        RelayLoop.run_once = counted  # type: ignore[method-assign]
+        try:
+            await add_events(pool, 1)
+            wakeups.notify()
+            await eventually(lambda: _xlen_is(redis, 1))
+            await asyncio.sleep(0.05)
+            assert len(claims) == 1  # not one claim per loop
+            claims.clear()
+            await add_events(pool, 450)  # four full batches of 100, then 50
+            wakeups.notify()
+            await eventually(lambda: _xlen_is(redis, 451))
+            assert len(set(claims)) >= 2  # the first loop's full batch brought in others
+        finally:
+            RelayLoop.run_once = original  # type: ignore[method-assign]
+    finally:
+        for loop in loops:
+            await loop.stop()
+    assert len({e.event_id for e in await stream_events(redis)}) == 451  # none twice
+
+
+async def _xlen_is(redis: aioredis.Redis, n: int) -> bool:
+    return int(await redis.xlen(stream_key())) == n
