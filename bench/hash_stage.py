@@ -63,11 +63,16 @@ async def run(stack: Stack, hash_samples: int, sequential: int, duration: float)
         async with aiohttp.ClientSession() as session:
             # Every pooled connection is opened on first use: use them all once first.
             await asyncio.gather(*(post_signup(session, url, f"prod_w{i}") for i in range(12)))
-            seq = []
+            # Each signup paired with a hash timed here just before it: the machine's speed
+            # drifts by tens of percent within seconds, a median taken apart would not do.
+            seq, paired = [], []
             for i in range(sequential):
+                (local,) = hash_times(TIME_COST, MEMORY_KIB, 1)
                 _, secs = await post_signup(session, url, f"prod_seq_{i}")
                 seq.append(secs)
+                paired.append(secs - local)
         seq_med = percentile(seq, 50)
+        overhead = percentile(paired, 50)
         concurrency = 4 * n_cores
         log(f"  closed loop, {concurrency} clients, {duration:.0f}s")
         ok, errors = await closed_loop(url, concurrency, duration, warmup=1.0)
@@ -91,6 +96,7 @@ async def run(stack: Stack, hash_samples: int, sequential: int, duration: float)
             "cores": n_cores,
             "limit_per_s": limit,
             "sequential_http_ms": [t * 1000 for t in seq],
+            "sequential_minus_hash_ms": [t * 1000 for t in paired],
             "closed_loop": {
                 "concurrency": concurrency,
                 "duration_s": duration,
@@ -117,15 +123,17 @@ async def run(stack: Stack, hash_samples: int, sequential: int, duration: float)
         ),
         Figure(
             STAGE,
-            "API overhead beyond hash median (sequential)",
-            (seq_med - med) * 1000,
+            "API overhead beyond hash (sequential, paired)",
+            overhead * 1000,
             "ms",
             med * 1000,
             "hash median",
-            "<",
-            1,
-            target_label="< 1 ms",
-            note=f"HTTP p50 {seq_med * 1000:.1f} ms over {sequential} signups",
+            note=(
+                f"median of (signup - a hash timed just before it) over {sequential} signups;"
+                f" HTTP p50 {seq_med * 1000:.1f} ms. Not checked against the 1 ms target:"
+                " a few ms beside a 250 ms hash is below this host's noise (the hash alone"
+                " varies by +-20%); stage 3 measures the overhead with a cheap hash"
+            ),
         ),
         Figure(
             STAGE,
