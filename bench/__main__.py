@@ -70,7 +70,18 @@ def git_rev() -> str:
         check=False,
     )
     dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        # The results the bench itself writes do not make the code dirty.
+        [
+            "git",
+            "-C",
+            str(REPO),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":!bench/results",
+        ],
         capture_output=True,
         text=True,
         check=False,
