@@ -25,7 +25,7 @@ async def serve(cfg: RelaySettings) -> None:
 
     wakeups = Wakeups(list(relays))
     for r in relays:
-        r.on_full_batch = wakeups.help
+        r.wakeups = wakeups
     listener = Listener(cfg.database_url, wakeups.notify)
     reconciler = Reconciler(
         pool, redis, relays[0].publisher, after_seconds=cfg.reconcile_after_seconds

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,20 +149,19 @@ class Wakeups:
 
     One commit, one claim: waking every loop on every NOTIFY made all but one of them run
     an empty claim transaction per signup, which at a few hundred signups a second was
-    most of the relay's and a good part of Postgres's CPU. An idle loop is woken; when
-    all are busy, one of them runs again as soon as its batch ends (a row committed after
-    its claim began is not in that batch). A loop that claimed a full batch calls help(),
-    so the others join in on a backlog.
+    most of the relay's and a good part of Postgres's CPU. An idle loop is woken. When all
+    are busy, the NOTIFY is remembered, and the first loop to finish its batch claims once
+    more before it sleeps (a row committed after its claim began is not in that batch). A
+    loop that claimed a full batch calls help(), so the others join in on a backlog.
     """
 
     def __init__(self, loops: list[Loop]) -> None:
         self.loops = loops
-        self._turn = 0
+        self._missed = False
 
     def notify(self) -> None:
         if not self.help():
-            self._turn = (self._turn + 1) % len(self.loops)
-            self.loops[self._turn].wake()
+            self._missed = True
 
     def help(self) -> bool:
         """Wake one idle loop; False if none is idle."""
@@ -172,6 +170,11 @@ class Wakeups:
                 loop.wake()
                 return True
         return False
+
+    def take_missed(self) -> bool:
+        """True once for a NOTIFY that came while every loop was busy."""
+        missed, self._missed = self._missed, False
+        return missed
 
 
 class RelayLoop(Loop):
@@ -192,10 +195,21 @@ class RelayLoop(Loop):
         self.settings = settings
         self.publisher = Publisher(redis, settings.dedupe_ttl_seconds)
         self.idle_interval = settings.poll_interval_seconds
-        self.on_full_batch: Callable[[], object] | None = None
+        self.wakeups: Wakeups | None = None  # set when loops share a process's NOTIFYs
 
     async def run_once(self) -> bool:
-        """Publish one batch; True if the batch was full (more may be waiting)."""
+        """Publish one batch; True if more may be waiting (a full batch, or a NOTIFY that
+        came while every loop was busy)."""
+        full = await self._run_batch()
+        if self.wakeups is None:
+            return full
+        if full:
+            self.wakeups.help()
+        # Checked after the commit, with no await before the loop sleeps: a NOTIFY from
+        # now on finds this loop idle.
+        return self.wakeups.take_missed() or full
+
+    async def _run_batch(self) -> bool:
         started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
             records = await conn.fetch(_CLAIM, self.settings.batch_size)
@@ -213,10 +227,7 @@ class RelayLoop(Loop):
         metrics.PUBLISHED.inc(published)
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
-        full = len(rows) >= self.settings.batch_size
-        if full and self.on_full_batch is not None:
-            self.on_full_batch()
-        return full
+        return len(rows) >= self.settings.batch_size
 
     async def _publish_one_by_one(self, conn: DbConn, rows: list[Row]) -> int:
         """A row Redis will not take must not hold up the others (it is retried later)."""

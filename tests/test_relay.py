@@ -317,7 +317,7 @@ async def test_a_notify_wakes_one_idle_loop_and_a_full_batch_calls_for_help(
     loops = [RelayLoop(pool, redis, s, name=f"relay-{i}") for i in range(3)]
     wakeups = Wakeups(list(loops))
     for loop in loops:
-        loop.on_full_batch = wakeups.help
+        loop.wakeups = wakeups
         await loop.start()
     try:
         await asyncio.sleep(0.05)  # all three wait for a wake-up (the poll is far away)
@@ -350,3 +350,43 @@ async def test_a_notify_wakes_one_idle_loop_and_a_full_batch_calls_for_help(
 
 async def _xlen_is(redis: aioredis.Redis, n: int) -> bool:
     return int(await redis.xlen(stream_key())) == n
+
+
+async def test_a_notify_while_every_loop_is_busy_is_taken_by_the_first_to_finish(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """No wake-up may wait for the poll: not even when the loop it would go to is slow."""
+    s = relay_settings(pg_server, redis_server, poll_interval_seconds=300)
+    loops = [RelayLoop(pool, redis, s, name=f"relay-{i}") for i in range(2)]
+    wakeups = Wakeups(list(loops))
+    gates = {loop.name: asyncio.Event() for loop in loops}
+    inside: set[str] = set()
+    original = RelayLoop._run_batch
+
+    async def slow_batch(self: RelayLoop) -> bool:
+        full = await original(self)
+        if not gates[self.name].is_set():  # a batch that is slow to end, after its claim
+            inside.add(self.name)
+            await gates[self.name].wait()
+        return full
+
+    RelayLoop._run_batch = slow_batch  # type: ignore[method-assign]
+    try:
+        for loop in loops:
+            loop.wakeups = wakeups
+            await loop.start()
+        await eventually(lambda: _true(inside == {"relay-0", "relay-1"}))
+        await add_events(pool, 1)
+        wakeups.notify()  # both loops are busy: nobody to wake now
+        gates["relay-0"].set()  # relay-0 finishes first; relay-1 stays stuck
+        await eventually(lambda: _xlen_is(redis, 1), timeout=5)
+        assert not gates["relay-1"].is_set()
+    finally:
+        for gate in gates.values():
+            gate.set()
+        for loop in loops:
+            await loop.stop()
+        RelayLoop._run_batch = original  # type: ignore[method-assign]

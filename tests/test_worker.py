@@ -73,6 +73,14 @@ class Recorder:
             except asyncio.CancelledError:
                 raise ConnectionError("connection closed by cancellation") from None
 
+        @self.router.handler("slow_cleanup", timeout=0.2)
+        async def slow_cleanup(ctx: TaskContext) -> None:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                await asyncio.sleep(1)  # cleanup that outlives the deadline
+                raise
+
         @self.router.handler("own_timeout", timeout=5)
         async def own_timeout(ctx: TaskContext) -> None:
             raise TimeoutError("SMTP server did not answer")
@@ -631,3 +639,30 @@ async def test_a_dead_letter_is_replayed_once_even_when_two_replays_race(
     assert sum(r is not None for r in results) == 1
     assert await redis.xlen(STREAM) == before + 1
     assert await redis.xlen(DEAD) == 0
+
+
+async def test_a_shutdown_cancel_is_not_mistaken_for_a_timeout(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """Cancelled at the end of a shutdown's grace, a handler's cleanup then runs past its
+    deadline and the sweeper cancels it too: the task must end cancelled, not be counted
+    as a timed-out attempt (with one attempt allowed, that would dead-letter it)."""
+    await publish(1, task="slow_cleanup")
+    s = worker_settings(pg_server, redis_server, max_attempts=1)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    await worker._take(await worker.queue.read(s.consumer_name, 10, None))
+    (task,) = worker._inflight.values()
+    await asyncio.sleep(0.05)
+    task.cancel()  # what stop() does once the grace is over
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert await dead_letters(redis) == []
+    pending: Any = await redis.xpending_range(STREAM, CONSUMER_GROUP, "-", "+", 10)
+    assert [p["consumer"] for p in pending] == [s.consumer_name.encode()]  # not parked
+    assert worker._deadlines == {} and worker._timed_out == set()

@@ -353,6 +353,9 @@ class Worker:
         m = metrics.for_task(route.task_type)
         started = time.perf_counter()
         failure: Exception | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        timed_out = False
         self._watch(entry.id, started + timeout)
         try:
             await route.handler(ctx)
@@ -363,13 +366,16 @@ class Worker:
             failure = e
         finally:
             del self._deadlines[entry.id]
+            if entry.id in self._timed_out:
+                # The sweeper's cancellation, however the handler ended: take it back. A
+                # cancellation from elsewhere (the end of a shutdown's grace) still stands.
+                self._timed_out.discard(entry.id)
+                timed_out = True
+                if task.uncancel() > 0:
+                    raise asyncio.CancelledError
         ended = time.perf_counter()
         m.duration.observe(ended - started)
-        if entry.id in self._timed_out:
-            # Our own cancellation, for the timeout, however the handler ended: take it
-            # back, or the task would count as being cancelled from now on.
-            self._timed_out.discard(entry.id)
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        if timed_out:
             error = f"timed out after {timeout}s"
         elif failure is None:
             m.end_to_end.observe(
