@@ -102,35 +102,45 @@ class Publisher:
 
         Raises ResponseError if Redis refuses a chunk; connection errors propagate.
         """
-        try:
-            return await self._publish(rows, force)
-        except NoScriptError:
-            # Nothing ran: EVALSHA of an unknown script has no effect. Load it, go again.
-            await self.redis.script_load(PUBLISH_SCRIPT)
-            return await self._publish(rows, force)
-
-    async def _publish(self, rows: list[Row], force: bool) -> list[str]:
         by_queue: dict[str, list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             by_queue[row.queue].append(i)
-        chunks: list[list[int]] = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for queue, idxs in by_queue.items():
-                for start in range(0, len(idxs), _CHUNK):
-                    chunk = idxs[start : start + _CHUNK]
-                    chunks.append(chunk)
-                    keys = [stream_key(queue)] + [
-                        dedupe_key(rows[i].event_id, queue) for i in chunk
-                    ]
-                    args: list[Any] = [self.dedupe_ttl, "1" if force else "0", ENVELOPE_FIELD]
-                    args += [rows[i].data for i in chunk]
-                    pipe.evalsha(self._sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=True)
+        chunks = [
+            (queue, idxs[start : start + _CHUNK])
+            for queue, idxs in by_queue.items()
+            for start in range(0, len(idxs), _CHUNK)
+        ]
+        results = await self._run(rows, chunks, force)
+        unknown = [k for k, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if unknown:
+            # Redis lost its scripts (a restart). A chunk refused with NOSCRIPT did nothing,
+            # but the pipeline is not atomic: another relay may have loaded the script in
+            # between and later chunks ran. Load it and send again only the refused ones,
+            # which matters when `force` skips the dedupe.
+            await self.redis.script_load(PUBLISH_SCRIPT)
+            again = await self._run(rows, [chunks[k] for k in unknown], force)
+            for k, result in zip(unknown, again, strict=True):
+                results[k] = result
+        for result in results:
+            if isinstance(result, ResponseError):
+                raise result
         ids: list[str] = [""] * len(rows)
-        for chunk, result in zip(chunks, results, strict=True):
+        for (_, chunk), result in zip(chunks, results, strict=True):
             for i, sid in zip(chunk, result, strict=True):
                 ids[i] = sid.decode() if isinstance(sid, bytes) else str(sid)
         return ids
+
+    async def _run(
+        self, rows: list[Row], chunks: list[tuple[str, list[int]]], force: bool
+    ) -> list[Any]:
+        """One pipelined EVALSHA per chunk; each result, or the error Redis gave it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue, chunk in chunks:
+                keys = [stream_key(queue)] + [dedupe_key(rows[i].event_id, queue) for i in chunk]
+                args: list[Any] = [self.dedupe_ttl, "1" if force else "0", ENVELOPE_FIELD]
+                args += [rows[i].data for i in chunk]
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
 
 
 def to_row(rec: asyncpg.Record) -> Row:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 from devstack.postgres import PostgresServer
 from devstack.redis import RedisServer
 from relay.listener import Listener
 from relay.maintenance import refresh_backlog_gauges
-from relay.publisher import RelayLoop, Wakeups, to_row
+from relay.publisher import PUBLISH_SCRIPT, Publisher, RelayLoop, Row, Wakeups, to_row
 from relay.reconciler import Reconciler
 from relay.retention import purge_completed
 from relay.settings import RelaySettings
@@ -390,3 +392,40 @@ async def test_a_notify_while_every_loop_is_busy_is_taken_by_the_first_to_finish
         for loop in loops:
             await loop.stop()
         RelayLoop._run_batch = original  # type: ignore[method-assign]
+
+
+async def test_after_noscript_only_the_refused_chunks_run_again(redis: aioredis.Redis) -> None:
+    """The pipeline is not atomic: when another relay loads the script between two chunks,
+    the first gets NOSCRIPT and the second runs. Sending both again would XADD the second
+    twice when the dedupe is skipped (the reconciler's `force`)."""
+    publisher = Publisher(redis, 60)
+    rows: list[Row] = []
+    for queue in ("qa", "qb"):
+        for _ in range(2):
+            env = Envelope(
+                event_id=str(uuid.uuid4()),
+                type="t",
+                payload={},
+                created_at=datetime.now(UTC),
+                headers={},
+            )
+            rows.append(Row(len(rows) + 1, queue, env.event_id, env.encode()))
+    await redis.script_load(PUBLISH_SCRIPT)
+    real_run = publisher._run
+    calls: list[list[str]] = []
+
+    async def racing_run(rows_: Any, chunks: Any, force: bool) -> list[Any]:
+        calls.append([q for q, _ in chunks])
+        if len(calls) > 1:
+            return await real_run(rows_, chunks, force)
+        # As in the race: the first chunk was refused before the script was loaded, the
+        # second ran.
+        (second,) = await real_run(rows_, chunks[1:], force)
+        return [NoScriptError("NOSCRIPT No matching script."), second]
+
+    publisher._run = racing_run  # type: ignore[method-assign,assignment]
+    ids = await publisher.publish(rows, force=True)
+    assert calls == [["qa", "qb"], ["qa"]]  # only the refused chunk went again
+    assert await redis.xlen(stream_key("qa")) == 2
+    assert await redis.xlen(stream_key("qb")) == 2
+    assert len(set(ids)) == 4 and all(ids)
