@@ -250,7 +250,6 @@ class Service:
                 "200",
                 "-o",
                 str(out),
-                *(["--format", "raw"] if out.suffix == ".txt" else []),
                 "--pid",
                 str(self.pid),
             ],

@@ -23,9 +23,7 @@ async def serve(cfg: RelaySettings) -> None:
     # SKIP LOCKED lets several loops of one process drain side by side, like replicas.
     relays = [RelayLoop(pool, redis, cfg, name=f"relay-{i}") for i in range(cfg.concurrency)]
 
-    wakeups = Wakeups(list(relays))
-    for r in relays:
-        r.wakeups = wakeups
+    wakeups = Wakeups(relays)
     listener = Listener(cfg.database_url, wakeups.notify)
     reconciler = Reconciler(
         pool, redis, relays[0].publisher, after_seconds=cfg.reconcile_after_seconds

@@ -165,9 +165,11 @@ class Wakeups:
     loop that claimed a full batch calls help(), so the others join in on a backlog.
     """
 
-    def __init__(self, loops: list[Loop]) -> None:
+    def __init__(self, loops: list[RelayLoop]) -> None:
         self.loops = loops
         self._missed = False
+        for loop in loops:
+            loop.wakeups = self
 
     def notify(self) -> None:
         if not self.help():
@@ -205,7 +207,7 @@ class RelayLoop(Loop):
         self.settings = settings
         self.publisher = Publisher(redis, settings.dedupe_ttl_seconds)
         self.idle_interval = settings.poll_interval_seconds
-        self.wakeups: Wakeups | None = None  # set when loops share a process's NOTIFYs
+        self.wakeups: Wakeups | None = None  # set by Wakeups(loops), which shares NOTIFYs
 
     async def run_once(self) -> bool:
         """Publish one batch; True if more may be waiting (a full batch, or a NOTIFY that

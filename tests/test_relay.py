@@ -317,9 +317,8 @@ async def test_a_notify_wakes_one_idle_loop_and_a_full_batch_calls_for_help(
     """One claim per commit at low rates; every loop at work on a backlog."""
     s = relay_settings(pg_server, redis_server, batch_size=100, poll_interval_seconds=300)
     loops = [RelayLoop(pool, redis, s, name=f"relay-{i}") for i in range(3)]
-    wakeups = Wakeups(list(loops))
+    wakeups = Wakeups(loops)
     for loop in loops:
-        loop.wakeups = wakeups
         await loop.start()
     try:
         await asyncio.sleep(0.05)  # all three wait for a wake-up (the poll is far away)
@@ -363,7 +362,7 @@ async def test_a_notify_while_every_loop_is_busy_is_taken_by_the_first_to_finish
     """No wake-up may wait for the poll: not even when the loop it would go to is slow."""
     s = relay_settings(pg_server, redis_server, poll_interval_seconds=300)
     loops = [RelayLoop(pool, redis, s, name=f"relay-{i}") for i in range(2)]
-    wakeups = Wakeups(list(loops))
+    wakeups = Wakeups(loops)
     gates = {loop.name: asyncio.Event() for loop in loops}
     inside: set[str] = set()
     original = RelayLoop._run_batch
@@ -378,7 +377,6 @@ async def test_a_notify_while_every_loop_is_busy_is_taken_by_the_first_to_finish
     RelayLoop._run_batch = slow_batch  # type: ignore[method-assign]
     try:
         for loop in loops:
-            loop.wakeups = wakeups
             await loop.start()
         await eventually(lambda: _true(inside == {"relay-0", "relay-1"}))
         await add_events(pool, 1)

@@ -356,7 +356,7 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         timed_out = False
-        self._watch(entry.id, started + timeout)
+        self._watch(entry.id, task, started + timeout)
         try:
             await route.handler(ctx)
         except asyncio.CancelledError:
@@ -410,9 +410,7 @@ class Worker:
     # task was about a fifth of the worker's CPU at thousands of tasks a second). It runs
     # while handlers run, and a timeout fires within TIMEOUT_SWEEP_SECONDS of its deadline.
 
-    def _watch(self, entry_id: str, deadline: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _watch(self, entry_id: str, task: asyncio.Task[Any], deadline: float) -> None:
         self._deadlines[entry_id] = (deadline, task)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="worker-timeouts")
