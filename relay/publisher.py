@@ -14,8 +14,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -25,7 +24,7 @@ from relay import metrics
 from relay.settings import RelaySettings
 from shared.connections import DbConn
 from shared.constants import ENVELOPE_FIELD, dedupe_key, stream_key
-from shared.envelope import Envelope
+from shared.envelope import ENVELOPE_SQL
 from shared.lifecycle import Loop, backoff_delay
 
 logger = logging.getLogger(__name__)
@@ -48,14 +47,18 @@ end
 return ids
 """
 
-_CLAIM = """
-SELECT id, event_id, task_type, queue, payload, headers, created_at
+# What a publish needs of an outbox row (see Row), the envelope built by Postgres.
+ROW_COLUMNS = f"""id, queue, event_id::text AS event_id,
+    headers->>'request_id' AS request_id, {ENVELOPE_SQL} AS envelope"""
+
+_CLAIM = f"""
+SELECT {ROW_COLUMNS}
 FROM outbox
 WHERE published_at IS NULL AND available_at <= now()
 ORDER BY available_at, id
 LIMIT $1
 FOR UPDATE SKIP LOCKED
-"""
+"""  # noqa: S608 - built from constants, no input
 
 _MARK_PUBLISHED = """
 UPDATE outbox AS o
@@ -77,8 +80,9 @@ WHERE o.id = u.id
 _CHUNK = 250
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+class Row(NamedTuple):
+    """An outbox row ready to publish (a tuple: the relay makes thousands a second)."""
+
     id: int
     queue: str
     event_id: str
@@ -144,14 +148,10 @@ class Publisher:
 
 
 def to_row(rec: asyncpg.Record) -> Row:
-    envelope = Envelope(
-        event_id=str(rec["event_id"]),
-        type=rec["task_type"],
-        payload=rec["payload"],
-        created_at=rec["created_at"],
-        headers=rec["headers"],
+    """A Row from a record selected with ROW_COLUMNS."""
+    return Row(
+        rec["id"], rec["queue"], rec["event_id"], rec["envelope"].encode(), rec["request_id"]
     )
-    return Row(rec["id"], rec["queue"], envelope.event_id, envelope.encode(), envelope.request_id)
 
 
 class Wakeups:

@@ -17,13 +17,13 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from relay import metrics
-from relay.publisher import Publisher, to_row
+from relay.publisher import ROW_COLUMNS, Publisher, to_row
 from shared.constants import stream_key
 
 logger = logging.getLogger(__name__)
 
-_CANDIDATES = """
-SELECT id, event_id, task_type, queue, payload, headers, created_at, stream_id, published_at
+_CANDIDATES = f"""
+SELECT {ROW_COLUMNS}, stream_id, published_at
 FROM outbox
 WHERE published_at IS NOT NULL AND completed_at IS NULL AND dead_lettered_at IS NULL
   AND published_at < now() - make_interval(secs => $1)
@@ -31,7 +31,7 @@ WHERE published_at IS NOT NULL AND completed_at IS NULL AND dead_lettered_at IS 
 ORDER BY published_at, id
 LIMIT $4
 FOR UPDATE SKIP LOCKED
-"""
+"""  # noqa: S608 - built from constants, no input
 
 _REPUBLISHED = """
 UPDATE outbox AS o SET stream_id = u.sid, published_at = now()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -11,6 +12,29 @@ import orjson
 
 from shared.constants import ENVELOPE_FIELD, ENVELOPE_VERSION
 from shared.errors import EnvelopeError
+
+# The same document, built by Postgres from an outbox row's columns: the relay passes it
+# through instead of decoding the row's JSON columns into Python and encoding them again,
+# which was a third of its CPU. Concatenation costs Postgres half what json_build_object
+# does, and every piece is JSON already: a uuid, to_json() of the text and the timestamp,
+# jsonb's own output. Spacing differs from encode(); a test checks that both decode to the
+# same envelope.
+ENVELOPE_SQL = (
+    f"""'{{"v":{int(ENVELOPE_VERSION)},"id":"' || event_id::text"""
+    """ || '","type":' || to_json(task_type)::text || ',"payload":' || payload::text"""
+    """ || ',"created_at":' || to_json(created_at)::text"""
+    """ || ',"headers":' || headers::text || '}'"""
+)
+
+
+# The form uuid.UUID prints; anything else is parsed and printed that way (event ids go
+# to Postgres as uuid, so a bad one must be refused here, not fail a batch of acks).
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _event_id(value: object) -> str:
+    text = str(value)
+    return text if _CANONICAL_UUID.fullmatch(text) else str(uuid.UUID(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +79,7 @@ class Envelope:
         if doc.get("v") != ENVELOPE_VERSION:
             raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}")
         try:
-            event_id = str(uuid.UUID(str(doc["id"])))
+            event_id = _event_id(doc["id"])
             task_type = doc["type"]
             payload = doc["payload"]
             created_at = datetime.fromisoformat(doc["created_at"])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 from pydantic_settings import BaseSettings
 
@@ -104,6 +105,30 @@ def test_readme_documents_every_setting() -> None:
 def test_envelope_garbage_is_an_envelope_error(fields: dict[bytes, bytes]) -> None:
     with pytest.raises(EnvelopeError):
         Envelope.decode(fields)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "5B8F2F0E-7D8A-4C39-9A55-2F3C3D6F1A10",
+        "{5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10}",
+        "5b8f2f0e7d8a4c399a552f3c3d6f1a10",
+        "urn:uuid:5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10",
+    ],
+)
+def test_envelope_event_id_is_normalised(given: str) -> None:
+    doc = {"v": 1, "id": given, "type": "t", "payload": {}, "created_at": "2026-01-01T00:00Z"}
+    env = Envelope.decode({b"e": orjson.dumps(doc)})
+    assert env.event_id == "5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10"
+
+
+@pytest.mark.parametrize(
+    "bad_id", ["5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a1", "5b8f2f0e-7d8a-4c39-9a55-2f3c3d6f1a10\n", 7]
+)
+def test_envelope_bad_event_id_is_an_envelope_error(bad_id: object) -> None:
+    doc = {"v": 1, "id": bad_id, "type": "t", "payload": {}, "created_at": "2026-01-01T00:00Z"}
+    with pytest.raises(EnvelopeError):
+        Envelope.decode({b"e": orjson.dumps(doc)})
 
 
 def test_envelope_round_trip() -> None:
