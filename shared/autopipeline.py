@@ -9,17 +9,31 @@ pipeline on one connection and hands each caller its own reply or its own error.
 what ioredis calls auto-pipelining. Measured on the bench machine: 64 concurrent INCRs,
 about 3x the throughput of plain redis.asyncio.
 
+The batch is written and read on a pooled connection directly rather than through
+redis-py's Pipeline, whose per-command bookkeeping (retry wrapper, a timer per reply,
+extension hooks) cost more than the commands: one timer covers the whole batch, and
+replies go through the client's usual response callbacks.
+
 Semantics are those of separate commands: no atomicity between callers (use
 `pipeline()` / MULTI or a script for that), replies in order per connection. Commands
-that block or change the connection's state go straight through the normal path.
+that block or change the connection's state go straight through the normal path. A
+batch is never sent twice: when the connection fails, every caller whose reply had not
+arrived gets the ConnectionError (or TimeoutError), and the command may or may not have
+run, as with any command whose reply is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import math
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+from redis.client import EMPTY_RESPONSE, NEVER_DECODE
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Blocking commands would hold the whole batch; the rest bind state to a connection.
 _DIRECT = frozenset(
@@ -86,25 +100,65 @@ class AutoPipelineRedis(aioredis.Redis):
             task.add_done_callback(self._flushes.discard)
 
     async def _send(self, batch: list[_Queued]) -> None:
-        pipe = self.pipeline(transaction=False)
-        for args, options, _ in batch:
-            pipe.execute_command(*args, **options)
+        pool = self.connection_pool
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            conn: Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         except Exception as e:
-            # The connection failed: every caller hears it.
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
+            _fail(batch, e)
             return
+        try:
+            await self._exchange(conn, batch)
+        except Exception as e:
+            # The connection failed: every caller still waiting hears it.
+            await conn.disconnect(nowait=True)
+            _fail(batch, e)
         except BaseException:
+            await conn.disconnect(nowait=True)
             for _, _, future in batch:
                 future.cancel()
             raise
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # the caller gave up (timeout, cancellation)
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        finally:
+            await pool.release(conn)
+
+    async def _exchange(self, conn: Connection, batch: list[_Queued]) -> None:
+        await conn.send_packed_command(conn.pack_commands([args for args, _, _ in batch]))
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                for args, options, future in batch:
+                    try:
+                        # math.inf: no timer per reply, the batch has one.
+                        reply = await conn.read_response(
+                            disable_decoding=NEVER_DECODE in options, timeout=math.inf
+                        )
+                    except ResponseError as e:
+                        if not future.done():
+                            if EMPTY_RESPONSE in options:
+                                future.set_result(options[EMPTY_RESPONSE])
+                            else:
+                                future.set_exception(e)
+                        continue
+                    result = self._parse(args[0], reply, options)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    if not future.done():  # the caller may have given up
+                        future.set_result(result)
+        except TimeoutError:
+            raise RedisTimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from None
+
+    def _parse(self, command: Any, reply: Any, options: dict[str, Any]) -> Any:
+        """The client's response callback for the command, as redis-py applies it."""
+        callback = self.response_callbacks.get(command)
+        if callback is None:
+            return reply
+        extra = {k: v for k, v in options.items() if k not in _NOT_CALLBACK_OPTIONS}
+        return callback(reply, **extra)
+
+
+# Options that redis-py's commands pass for the client itself, not for a response callback.
+_NOT_CALLBACK_OPTIONS = frozenset({"keys", NEVER_DECODE, EMPTY_RESPONSE})
+
+
+def _fail(batch: list[_Queued], error: Exception) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(error)

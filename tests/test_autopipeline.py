@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack.redis import RedisServer
 from shared.autopipeline import AutoPipelineRedis
@@ -96,3 +97,48 @@ async def test_a_lost_connection_fails_every_caller_then_recovers(tmp_path: Path
     finally:
         await base.aclose()
         server.stop()
+
+
+async def test_a_silent_server_times_out_every_caller_once(tmp_path: Path) -> None:
+    """One timer covers the batch: callers hear a redis TimeoutError, not a hang."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    base = create_redis(f"redis://127.0.0.1:{port}", socket_timeout=0.3, health_check_interval=0)
+    client = AutoPipelineRedis(connection_pool=base.connection_pool)
+    sizes = counting(client)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(client.incr("ap:n") for _ in range(3)), return_exceptions=True), 5
+        )
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        assert sizes == [3]
+        assert len(accepted) == 1
+    finally:
+        await base.aclose()
+        server.close()
+        for writer in accepted:
+            writer.close()
+
+
+async def test_reply_options_apply_as_on_the_plain_client(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """NEVER_DECODE (DUMP's binary reply on a decoding client) and response callbacks."""
+    base = create_redis(redis_server.url, decode_responses=True)
+    client = AutoPipelineRedis(connection_pool=base.connection_pool)
+    try:
+        await base.set("ap:dump", "v")
+        dumped, plain = await asyncio.gather(client.dump("ap:dump"), base.dump("ap:dump"))
+        assert isinstance(dumped, bytes) and dumped == plain
+        assert await client.get("ap:dump") == "v"  # decoded, like the plain client
+        assert await client.set("ap:x", "1", nx=True) is True
+        assert await client.set("ap:x", "1", nx=True) is None
+        assert await client.zadd("ap:z", {"a": 1.5}) == 1
+        assert await client.zrange("ap:z", 0, -1, withscores=True) == [("a", 1.5)]
+    finally:
+        await base.aclose()
