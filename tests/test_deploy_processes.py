@@ -251,6 +251,13 @@ async def test_prometheus_scrapes_every_replica(
                 raise RuntimeError(f"{e}: {(Path(tmp) / 'prom.log').read_text()[-2000:]}") from e
             base = f"http://127.0.0.1:{prom_port}/api/v1"
             async with aiohttp.ClientSession() as http:
+
+                async def ready() -> bool:
+                    # The port opens before the TSDB is loaded; until then the API says 503.
+                    async with http.get(f"http://127.0.0.1:{prom_port}/-/ready") as resp:
+                        return resp.status == 200
+
+                await eventually(ready, timeout=30, interval=0.2)
                 await http.post(
                     f"http://127.0.0.1:{targets['api-0']}/v1/users", json=signup_body("prom")
                 )
