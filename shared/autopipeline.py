@@ -19,7 +19,10 @@ Semantics are those of separate commands: no atomicity between callers (use
 that block or change the connection's state go straight through the normal path. A
 batch is never sent twice: when the connection fails, every caller whose reply had not
 arrived gets the ConnectionError (or TimeoutError), and the command may or may not have
-run, as with any command whose reply is lost.
+run, as with any command whose reply is lost: unlike the plain client, no automatic
+retry, since resending a batch would run the commands that did arrive twice. What belongs
+to one caller stays with it: an argument that cannot be encoded, an error reply, or a
+reply its response callback refuses fails that caller alone.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -106,6 +110,9 @@ class AutoPipelineRedis(aioredis.Redis):
         except Exception as e:
             _fail(batch, e)
             return
+        except BaseException:  # cancelled while connecting: nobody must wait forever
+            _cancel(batch)
+            raise
         try:
             await self._exchange(conn, batch)
         except Exception as e:
@@ -114,17 +121,29 @@ class AutoPipelineRedis(aioredis.Redis):
             _fail(batch, e)
         except BaseException:
             await conn.disconnect(nowait=True)
-            for _, _, future in batch:
-                future.cancel()
+            _cancel(batch)
             raise
         finally:
             await pool.release(conn)
 
     async def _exchange(self, conn: Connection, batch: list[_Queued]) -> None:
-        await conn.send_packed_command(conn.pack_commands([args for args, _, _ in batch]))
+        # Packed one by one: an argument that cannot be encoded fails its own caller
+        # (as it would on the plain client) and is not sent; the rest of the batch is.
+        packed: list[bytes] = []
+        sent: list[_Queued] = []
+        for queued in batch:
+            try:
+                packed += conn.pack_command(*queued[0])
+            except Exception as e:
+                _fail((queued,), e)
+            else:
+                sent.append(queued)
+        if not sent:
+            return
+        await conn.send_packed_command(packed)
         try:
             async with asyncio.timeout(conn.socket_timeout):
-                for args, options, future in batch:
+                for args, options, future in sent:
                     try:
                         # math.inf: no timer per reply, the batch has one.
                         reply = await conn.read_response(
@@ -137,9 +156,13 @@ class AutoPipelineRedis(aioredis.Redis):
                             else:
                                 future.set_exception(e)
                         continue
-                    result = self._parse(args[0], reply, options)
-                    if inspect.isawaitable(result):
-                        result = await result
+                    try:
+                        result = self._parse(args[0], reply, options)
+                        if inspect.isawaitable(result):
+                            result = await result
+                    except Exception as e:  # a reply its callback refuses is that caller's
+                        _fail(((args, options, future),), e)
+                        continue
                     if not future.done():  # the caller may have given up
                         future.set_result(result)
         except TimeoutError:
@@ -158,7 +181,12 @@ class AutoPipelineRedis(aioredis.Redis):
 _NOT_CALLBACK_OPTIONS = frozenset({"keys", NEVER_DECODE, EMPTY_RESPONSE})
 
 
-def _fail(batch: list[_Queued], error: Exception) -> None:
+def _fail(batch: Iterable[_Queued], error: Exception) -> None:
     for _, _, future in batch:
         if not future.done():
             future.set_exception(error)
+
+
+def _cancel(batch: Iterable[_Queued]) -> None:
+    for _, _, future in batch:
+        future.cancel()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack.redis import RedisServer
@@ -54,6 +54,69 @@ async def test_an_error_reaches_only_its_own_caller(redis: aioredis.Redis) -> No
     )
     assert results[0] == 1 and results[2] == 2
     assert isinstance(results[1], ResponseError)
+
+
+async def test_an_argument_that_cannot_be_sent_fails_only_its_own_caller(
+    redis: aioredis.Redis,
+) -> None:
+    """redis-py refuses None as a value (DataError) before sending: the other commands
+    of the same turn still go, in one pipeline."""
+    client = AutoPipelineRedis(connection_pool=redis.connection_pool)
+    sizes = counting(client)
+    results = await asyncio.gather(
+        client.incr("ap:n"),
+        client.set("ap:bad", None),  # type: ignore[arg-type]
+        client.incr("ap:n"),
+        return_exceptions=True,
+    )
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], DataError)
+    assert sizes == [3]
+    assert await redis.exists("ap:bad") == 0
+
+
+async def test_a_reply_its_callback_refuses_fails_only_its_own_caller(
+    redis: aioredis.Redis,
+) -> None:
+    client = AutoPipelineRedis(connection_pool=redis.connection_pool)
+
+    def refuse(response: Any, **kwargs: Any) -> Any:
+        raise ValueError(f"cannot parse {response!r}")
+
+    client.set_response_callback("ECHO", refuse)
+    results = await asyncio.gather(
+        client.incr("ap:n"), client.echo("x"), client.incr("ap:n"), return_exceptions=True
+    )
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], ValueError)
+    assert await client.incr("ap:n") == 3  # the connection is still in step
+
+
+async def test_a_flush_cancelled_while_connecting_cancels_its_callers(tmp_path: Path) -> None:
+    """At shutdown the flush task may be cancelled before it has a connection: its
+    callers must hear it, not wait forever."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never answers the connection's handshake
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    base = create_redis(f"redis://127.0.0.1:{port}", health_check_interval=0)
+    client = AutoPipelineRedis(connection_pool=base.connection_pool)
+    try:
+        callers = [asyncio.ensure_future(client.incr("ap:n")) for _ in range(3)]
+        await asyncio.sleep(0.2)  # the flush is now stuck connecting
+        assert len(accepted) == 1 and not any(c.done() for c in callers)
+        (flush,) = client._flushes
+        flush.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    finally:
+        await base.aclose()
+        server.close()
+        for writer in accepted:
+            writer.close()
 
 
 async def test_blocking_commands_do_not_hold_the_batch(redis: aioredis.Redis) -> None:
