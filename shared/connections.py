@@ -44,6 +44,9 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         init=_init_connection,
         reset=_keep_session,
         command_timeout=30,
+        # Timestamps Postgres renders as text (the relay's envelopes) read the same
+        # whatever the server's or the role's TimeZone: a startup parameter, no round trip.
+        server_settings={"TimeZone": "UTC"},
     )
     assert pool is not None
     return pool

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,6 +30,7 @@ from relay.publisher import (
 from relay.reconciler import Reconciler
 from relay.retention import purge_completed
 from relay.settings import RelaySettings
+from shared.connections import create_pool
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
 from shared.outbox import enqueue
@@ -102,6 +104,23 @@ async def test_the_envelope_postgres_builds_decodes_like_the_python_one(
     assert published == expected
     assert published == Envelope.decode({b"e": expected.encode()})
     assert published.created_at == datetime(2026, 3, 1, 7, 4, 56, 500000, tzinfo=UTC)
+
+
+async def test_envelope_bytes_do_not_depend_on_the_sessions_time_zone(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """The relay's pool renders timestamps in UTC even when the connection asks for
+    another TimeZone (as a role's or database's default would)."""
+    await add_events(pool, 1)
+    elsewhere = await create_pool(settings.database_url + "?options=-c%20TimeZone%3DAsia/Kolkata")
+    try:
+        await RelayLoop(elsewhere, redis, settings).run_once()
+    finally:
+        await elsewhere.close()
+    client: Any = redis
+    ((_, fields),) = await client.xrange(stream_key("default"))
+    created_at = orjson.loads(fields[b"e"])["created_at"]
+    assert created_at.endswith("+00:00"), created_at
 
 
 async def test_crash_between_xadd_and_commit_does_not_publish_twice(
