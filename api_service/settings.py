@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 from pydantic import Field
 
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, usable_cpus
 
 
 class ApiSettings(CommonSettings):
@@ -17,8 +15,6 @@ class ApiSettings(CommonSettings):
     argon2_time_cost: int = Field(3, ge=1, le=20, alias="ARGON2_TIME_COST")
     argon2_memory_kib: int = Field(65_536, ge=8, le=4_194_304, alias="ARGON2_MEMORY_KIB")
     argon2_parallelism: int = Field(1, ge=1, le=64, alias="ARGON2_PARALLELISM")
-    hash_threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 2, ge=1, le=256, alias="API_HASH_THREADS"
-    )
+    hash_threads: int = Field(default_factory=usable_cpus, ge=1, le=256, alias="API_HASH_THREADS")
 
     model_config = CommonSettings.model_config | {"populate_by_name": True}

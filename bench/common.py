@@ -24,6 +24,7 @@ from devstack.procs import free_port, make_traversable
 from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
 from shared.migrate import migrate
+from shared.settings import usable_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 _T0 = time.monotonic()
@@ -494,4 +495,5 @@ class DrainMarks:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPUs the bench's processes may use: the API's default hash thread count too."""
+    return usable_cpus()

@@ -6,6 +6,7 @@ ConfigError that names the environment variable and why its value is refused.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -13,6 +14,14 @@ from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a container's cpuset sets
+    it), not every CPU the host has, which is what os.cpu_count() says before 3.13."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _url_with_scheme(*schemes: str) -> AfterValidator:

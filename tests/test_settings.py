@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -61,6 +62,30 @@ def test_missing_required_values_are_named(monkeypatch: pytest.MonkeyPatch) -> N
         settings.load(RelaySettings)
     assert "DATABASE_URL: Field required" in str(e.value)
     assert "REDIS_URL: Field required" in str(e.value)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs a CPU affinity mask with at least two CPUs to narrow",
+)
+def test_hash_threads_default_to_the_cpus_the_process_may_use() -> None:
+    """In a container limited to one CPU of many (a cpuset), the API must not start one
+    64 MiB argon2 thread per host CPU."""
+    one_cpu = min(os.sched_getaffinity(0))
+    code = (
+        f"import os; os.sched_setaffinity(0, {{{one_cpu}}});"
+        "from api_service.settings import ApiSettings;"
+        "print(ApiSettings(DATABASE_URL='postgresql://h/d', REDIS_URL='redis://r').hash_threads)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "1"
 
 
 @pytest.mark.parametrize("module", ["api_service", "relay", "worker_service", "shared.migrate"])
