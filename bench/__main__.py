@@ -7,6 +7,7 @@ import asyncio
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,8 @@ async def run_stages(
     ]
     results: dict[str, StageResult] = {}
     errors: dict[str, str] = {}
+    # `kill -USR1 <bench pid>` prints where every task is waiting (a stage that seems stuck).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
     for number, name, job in jobs:
         if number not in stages:
             continue
@@ -127,6 +130,13 @@ async def run_stages(
     return results, errors
 
 
+def dump_tasks() -> None:
+    tasks = asyncio.all_tasks()
+    log(f"SIGUSR1: {len(tasks)} tasks")
+    for task in tasks:
+        task.print_stack(limit=8, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     plan = QUICK if args.quick else FULL
@@ -136,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
     stack = Stack(root, args.profile)
     began = time.monotonic()
+    # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so the servers and services
+    # the bench started are stopped and its folder removed, not left running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         stack.start()
         import uvloop
