@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack.redis import RedisServer
-from shared.autopipeline import AutoPipelineRedis
+from shared.autopipeline import AutoPipelineRedis, _pack
 from shared.connections import create_redis
 
 
@@ -117,6 +118,36 @@ async def test_a_flush_cancelled_while_connecting_cancels_its_callers(tmp_path: 
         server.close()
         for writer in accepted:
             writer.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("INCRBY", "bench:count", 1),
+        ("SET", "k", "zoë ✓", "EX", 10),
+        ("SET", b"k\x00\xff", b"", "NX"),
+        ("INCRBY", "k", -(10**20)),
+        ("CONFIG GET", "maxmemory"),  # a two-word name: redis-py splits it
+        ("ZADD", "z", 1.5, "m"),  # floats: redis-py's repr
+        ("SET", "k", memoryview(b"view")),
+        ("SET", "k", bytearray(b"array")),
+    ],
+)
+def test_the_fast_packer_sends_what_redis_py_would(args: tuple[Any, ...]) -> None:
+    conn = Connection()
+    assert b"".join(_pack(conn, args)) == b"".join(conn.pack_command(*args))
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(None, DataError), (True, DataError), ("\ud800", UnicodeEncodeError), (object(), DataError)],
+)
+def test_the_fast_packer_refuses_what_redis_py_refuses(bad: Any, error: type[Exception]) -> None:
+    conn = Connection()
+    with pytest.raises(error):
+        conn.pack_command("SET", "k", bad)
+    with pytest.raises(error):
+        _pack(conn, ("SET", "k", bad))
 
 
 async def test_blocking_commands_do_not_hold_the_batch(redis: aioredis.Redis) -> None:
