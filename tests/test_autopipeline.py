@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,27 @@ def counting(client: AutoPipelineRedis) -> list[int]:
 
     client._send = spy  # type: ignore[method-assign]
     return sizes
+
+
+@contextlib.asynccontextmanager
+async def silent_server(**redis_kwargs: Any) -> AsyncIterator[tuple[aioredis.Redis, list[Any]]]:
+    """A client of a server that accepts connections and never answers: (client, the
+    accepted connections)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    base = create_redis(f"redis://127.0.0.1:{port}", health_check_interval=0, **redis_kwargs)
+    try:
+        yield base, accepted
+    finally:
+        await base.aclose()
+        server.close()
+        for writer in accepted:
+            writer.close()
 
 
 async def test_one_turn_of_commands_is_one_pipeline_and_each_caller_gets_its_reply(
@@ -93,19 +116,11 @@ async def test_a_reply_its_callback_refuses_fails_only_its_own_caller(
     assert await client.incr("ap:n") == 3  # the connection is still in step
 
 
-async def test_a_flush_cancelled_while_connecting_cancels_its_callers(tmp_path: Path) -> None:
+async def test_a_flush_cancelled_while_connecting_cancels_its_callers() -> None:
     """At shutdown the flush task may be cancelled before it has a connection: its
     callers must hear it, not wait forever."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)  # never answers the connection's handshake
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    base = create_redis(f"redis://127.0.0.1:{port}", health_check_interval=0)
-    client = AutoPipelineRedis(connection_pool=base.connection_pool)
-    try:
+    async with silent_server() as (base, accepted):  # never answers the handshake
+        client = AutoPipelineRedis(connection_pool=base.connection_pool)
         callers = [asyncio.ensure_future(client.incr("ap:n")) for _ in range(3)]
         await asyncio.sleep(0.2)  # the flush is now stuck connecting
         assert len(accepted) == 1 and not any(c.done() for c in callers)
@@ -113,11 +128,6 @@ async def test_a_flush_cancelled_while_connecting_cancels_its_callers(tmp_path: 
         flush.cancel()
         results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
         assert all(isinstance(r, asyncio.CancelledError) for r in results), results
-    finally:
-        await base.aclose()
-        server.close()
-        for writer in accepted:
-            writer.close()
 
 
 @pytest.mark.parametrize(
@@ -193,30 +203,17 @@ async def test_a_lost_connection_fails_every_caller_then_recovers(tmp_path: Path
         server.stop()
 
 
-async def test_a_silent_server_times_out_every_caller_once(tmp_path: Path) -> None:
+async def test_a_silent_server_times_out_every_caller_once() -> None:
     """One timer covers the batch: callers hear a redis TimeoutError, not a hang."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)  # reads nothing, answers nothing
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    base = create_redis(f"redis://127.0.0.1:{port}", socket_timeout=0.3, health_check_interval=0)
-    client = AutoPipelineRedis(connection_pool=base.connection_pool)
-    sizes = counting(client)
-    try:
+    async with silent_server(socket_timeout=0.3) as (base, accepted):
+        client = AutoPipelineRedis(connection_pool=base.connection_pool)
+        sizes = counting(client)
         results = await asyncio.wait_for(
             asyncio.gather(*(client.incr("ap:n") for _ in range(3)), return_exceptions=True), 5
         )
         assert all(isinstance(r, RedisTimeoutError) for r in results), results
         assert sizes == [3]
         assert len(accepted) == 1
-    finally:
-        await base.aclose()
-        server.close()
-        for writer in accepted:
-            writer.close()
 
 
 async def test_reply_options_apply_as_on_the_plain_client(
