@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import backlog_stage, e2e_stage, hash_stage, relay_stage, worker_stage
-from bench.common import REPO, Figure, Stack, StageResult, cores, log
+from bench.common import REPO, Figure, Stack, StageResult, log
 from bench.report import plot, table, write_json
+from shared.settings import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "plan": plan.__dict__,
         "machine": {
-            "cores": cores(),
+            "cores": usable_cpus(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "load_avg": os.getloadavg(),

@@ -24,7 +24,6 @@ from devstack.procs import free_port, make_traversable
 from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
 from shared.migrate import migrate
-from shared.settings import usable_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 _T0 = time.monotonic()
@@ -492,8 +491,3 @@ class DrainMarks:
             "hwm100_mib": end[1],
             "cpu_cores": self.cpu.stop(),
         }
-
-
-def cores() -> int:
-    """The CPUs the bench's processes may use: the API's default hash thread count too."""
-    return usable_cpus()

@@ -2,10 +2,10 @@
 
 Baselines in the same run: the hash-bound limit as the issue defines it, cores / (median
 time of one hash with argon2-cffi in this process, timed alone), and what bare hashing
-reaches when every core hashes at once (one thread per usable CPU, the API's default
-pool size), which
-also counts what concurrent 64 MiB hashes cost each other in memory bandwidth. Only the
-API runs (plus Postgres): the relay and worker add nothing the limit depends on.
+reaches when every core hashes at once (one thread per usable CPU, the API's default pool
+size), which also counts what concurrent 64 MiB hashes cost each other in memory
+bandwidth. Only the API runs (plus Postgres): the relay and worker add nothing the limit
+depends on.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import aiohttp
 from argon2 import PasswordHasher
 from argon2.low_level import Type
 
-from bench.common import Figure, Stack, StageResult, cores, log, percentile
+from bench.common import Figure, Stack, StageResult, log, percentile
 from bench.e2e_stage import hash_times, post_signup
+from shared.settings import usable_cpus
 
 STAGE = "4 production hash"
 TIME_COST, MEMORY_KIB = 3, 65_536
@@ -79,7 +80,7 @@ async def run(stack: Stack, hash_samples: int, sequential: int, duration: float)
     # The machine is shared: hashes are timed before and after the load, and the median of
     # both sets is the baseline.
     times = hash_times(TIME_COST, MEMORY_KIB, hash_samples)
-    n_cores = cores()
+    n_cores = usable_cpus()
     log(f"  hash median before the load {percentile(times, 50) * 1000:.1f} ms")
     api = stack.service("api").start()
     try:

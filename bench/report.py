@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 
-from bench.common import Figure, cores
+from bench.common import Figure
+from shared.settings import usable_cpus
 
 
 def _num(v: float | None) -> str:
@@ -99,7 +100,8 @@ def plot(path: Path, windows: list[dict[str, Any]], idle: dict[str, Any]) -> Non
         ax.legend(fontsize=8)
     held = [w["rate"] for w in windows if w["held"]]
     fig.suptitle(
-        f"Signup pipeline on {cores()} cores (all processes on one machine), durable Postgres;"
+        f"Signup pipeline on {usable_cpus()} cores (all processes on one machine),"
+        " durable Postgres;"
         f" held up to {max(held) if held else 0:.0f}/s"
     )
     fig.tight_layout()
