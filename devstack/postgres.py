@@ -42,10 +42,12 @@ class PostgresServer:
         *,
         durable: bool = True,
         log: Path | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.durable = durable
+        self.settings = settings or {}  # more `-c name=value` for the server
         self.bin = find_bin_dir()
         self.log = log or data_dir.parent / "postgres.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -106,6 +108,8 @@ class PostgresServer:
             # Tests only: the data need not survive a crash of the machine (it survives
             # a crash of Postgres either way).
             args += ["-c", "fsync=off", "-c", "full_page_writes=off"]
+        for name, value in self.settings.items():
+            args += ["-c", f"{name}={value}"]
         if self.log.exists() and self._as_root:
             shutil.chown(self.log, _UNPRIVILEGED)
         log = open(self.log, "ab")  # noqa: SIM115 - owned by the child

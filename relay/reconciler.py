@@ -84,6 +84,9 @@ class Reconciler:
                 return 0
             rows = [to_row(r) for r in lost]
             ids = await self.publisher.publish(rows, force=True)
+            # Durable even on the relay's pool (asynchronous commits): had Postgres lost
+            # this, the next check would find the old id missing and publish once more.
+            await conn.execute("SET LOCAL synchronous_commit = on")
             await conn.execute(_REPUBLISHED, [r.id for r in rows], ids)
         for row in rows:
             logger.warning(

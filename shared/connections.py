@@ -36,7 +36,16 @@ async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
     """
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool[Any]:
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, durable_commits: bool = True
+) -> asyncpg.Pool[Any]:
+    """A pool whose sessions run in UTC.
+
+    durable_commits=False: commits return before their WAL reaches the disk
+    (`synchronous_commit = off`), for writers whose every write can be lost in a crash of
+    Postgres and redone (see relay.__main__). Such a commit is never reordered: any later
+    durable commit, from any session, makes it durable too.
+    """
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -46,7 +55,8 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         command_timeout=30,
         # Timestamps Postgres renders as text (the relay's envelopes) read the same
         # whatever the server's or the role's TimeZone: a startup parameter, no round trip.
-        server_settings={"TimeZone": "UTC"},
+        server_settings={"TimeZone": "UTC"}
+        | ({} if durable_commits else {"synchronous_commit": "off"}),
     )
     assert pool is not None
     return pool

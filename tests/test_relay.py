@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -33,6 +35,7 @@ from relay.settings import RelaySettings
 from shared.connections import create_pool
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
+from shared.migrate import migrate
 from shared.outbox import enqueue
 from tests.helpers import eventually
 
@@ -54,6 +57,11 @@ async def stream_events(redis: aioredis.Redis, queue: str = "default") -> list[E
     client: Any = redis
     entries = await client.xrange(stream_key(queue))
     return [Envelope.decode(fields) for _, fields in entries]
+
+
+async def stream_ids(redis: aioredis.Redis, queue: str = "default") -> list[bytes]:
+    client: Any = redis
+    return [sid for sid, _ in await client.xrange(stream_key(queue))]
 
 
 @pytest.fixture
@@ -486,3 +494,102 @@ async def test_after_noscript_only_the_refused_chunks_run_again(redis: aioredis.
     for queue, mine in (("qa", ids[:2]), ("qb", ids[2:])):
         entries: Any = await redis.xrange(stream_key(queue))
         assert [sid.decode() for sid, _ in entries] == mine
+
+
+# -- the relay's asynchronous commits --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lazy_pg(workdir: Path) -> Iterator[PostgresServer]:
+    """A Postgres that writes the WAL of asynchronous commits out only every 10 s (and has
+    no autovacuum to flush it sooner): a kill -9 within that time loses them."""
+    server = PostgresServer(
+        workdir / "pg-lazy" / "data",
+        durable=False,
+        log=workdir / "postgres-lazy.log",
+        settings={"wal_writer_delay": "10s", "autovacuum": "off"},
+    )
+    server.start()
+    asyncio.run(migrate(server.dsn))
+    yield server
+    server.stop()
+
+
+async def crash(server: PostgresServer, *pools: asyncpg.Pool[Any]) -> None:
+    """kill -9 Postgres and start it again (recovering from its WAL)."""
+    server.kill()
+    for p in pools:
+        p.terminate()
+    server.start()
+
+
+async def test_marks_a_postgres_crash_loses_are_redone_without_publishing_twice(
+    lazy_pg: PostgresServer, redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    settings = relay_settings(lazy_pg, redis_server, batch_size=100)
+    await lazy_pg_truncate(lazy_pg)
+    durable = await create_pool(lazy_pg.dsn)
+    await add_events(durable, 5)  # the signups' own commits are durable
+    await durable.close()
+    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)  # as relay.__main__
+    assert await relay_pool.fetchval("SHOW synchronous_commit") == "off"
+    await RelayLoop(relay_pool, redis, settings).run_once()
+    first = await stream_ids(redis)
+    assert len(first) == 5
+
+    await crash(lazy_pg, relay_pool)
+    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)
+    try:
+        # The crash took the marks with it: the rows are due again...
+        assert (
+            await relay_pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 5
+        )
+        await RelayLoop(relay_pool, redis, settings).run_once()
+        # ...and the next batch finds the first XADDs by their dedupe keys.
+        assert await redis.xlen(stream_key()) == 5
+        marked = await relay_pool.fetch("SELECT stream_id FROM outbox ORDER BY id")
+        assert [r["stream_id"].encode() for r in marked] == first
+    finally:
+        await relay_pool.close()
+
+
+async def test_a_republish_survives_a_postgres_crash(
+    lazy_pg: PostgresServer, redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    """The reconciler's republish is not progress that can be redone: were its new stream
+    id lost, the next check would find the old one missing and publish a second time."""
+    settings = relay_settings(lazy_pg, redis_server, batch_size=100)
+    await lazy_pg_truncate(lazy_pg)
+    durable = await create_pool(lazy_pg.dsn)
+    await add_events(durable, 3)
+    await RelayLoop(durable, redis, settings).run_once()
+    await durable.close()
+    await redis.flushall()  # Redis loses the entries and their dedupe keys
+
+    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)
+    reconciler = Reconciler(
+        relay_pool, redis, Publisher(redis, settings.dedupe_ttl_seconds), after_seconds=0.0
+    )
+    assert await reconciler.run_once() == 3
+    new = await stream_ids(redis)
+
+    await crash(lazy_pg, relay_pool)
+    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)
+    try:
+        marked = await relay_pool.fetch("SELECT stream_id FROM outbox ORDER BY id")
+        assert [r["stream_id"].encode() for r in marked] == new
+        reconciler = Reconciler(
+            relay_pool, redis, Publisher(redis, settings.dedupe_ttl_seconds), after_seconds=0.0
+        )
+        assert await reconciler.run_once() == 0
+        assert await redis.xlen(stream_key()) == 3
+    finally:
+        await relay_pool.close()
+
+
+async def lazy_pg_truncate(server: PostgresServer) -> None:
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        await conn.execute("TRUNCATE users, outbox, verify_emails RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
