@@ -24,7 +24,9 @@ async def serve(cfg: RelaySettings) -> None:
     # is published twice (test_relay: ..._after_a_postgres_crash). A batch then costs no
     # WAL flush, which let a relay keep up with more signups at lower latency. The one
     # write that is not progress, the reconciler's republish, commits durably on its own.
-    pool = await create_pool(cfg.database_url, max_size=cfg.db_pool_size, durable_commits=False)
+    pool = await create_pool(
+        cfg.database_url, max_size=cfg.db_pool_size, durable_commits=False, custom_plans=True
+    )
     redis = create_redis(cfg.redis_url)
     # SKIP LOCKED lets several loops of one process drain side by side, like replicas.
     relays = [RelayLoop(pool, redis, cfg, name=f"relay-{i}") for i in range(cfg.concurrency)]

@@ -21,6 +21,8 @@ from devstack.redis import RedisServer
 from relay.listener import Listener
 from relay.maintenance import refresh_backlog_gauges
 from relay.publisher import (
+    _CLAIM,
+    _MARK_PUBLISHED,
     PUBLISH_SCRIPT,
     ROW_COLUMNS,
     Publisher,
@@ -38,6 +40,7 @@ from shared.envelope import Envelope
 from shared.migrate import migrate
 from shared.outbox import enqueue
 from tests.helpers import eventually
+from worker_service.consumer import _MARK_COMPLETED
 
 
 def relay_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> RelaySettings:
@@ -129,6 +132,43 @@ async def test_envelope_bytes_do_not_depend_on_the_sessions_time_zone(
     ((_, fields),) = await client.xrange(stream_key("default"))
     created_at = orjson.loads(fields[b"e"])["created_at"]
     assert created_at.endswith("+00:00"), created_at
+
+
+async def outbox_seq_tup_read(pool: asyncpg.Pool[Any]) -> int:
+    value = await pool.fetchval(
+        "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'outbox'"
+    )
+    return int(value)
+
+
+@pytest.mark.parametrize("custom_plans", [False, True])
+async def test_batch_updates_use_the_indexes_as_an_empty_outbox_grows(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer, custom_plans: bool
+) -> None:
+    """Signups, relay batches and worker completions, one by one from an empty outbox, on
+    one connection as the services run them. With generic plans (the control) the batch
+    UPDATEs keep the sequential scans planned for the empty table; the services' pools
+    (custom_plans=True) read no more rows than they change."""
+    before = await outbox_seq_tup_read(pool)
+    service_pool = await create_pool(pg_server.dsn, max_size=1, custom_plans=custom_plans)
+    try:
+        async with service_pool.acquire() as conn:
+            for i in range(300):
+                async with conn.transaction():
+                    await enqueue(conn, "t", {"i": i})
+                async with conn.transaction():
+                    recs = await conn.fetch(_CLAIM, 1000)
+                    sids = [f"{i}-0"] * len(recs)
+                    await conn.execute(_MARK_PUBLISHED, [r["id"] for r in recs], sids)
+                await conn.execute(_MARK_COMPLETED, [r["event_id"] for r in recs])
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+    finally:
+        await service_pool.close()
+    read = await outbox_seq_tup_read(pool) - before
+    if custom_plans:
+        assert read < 300, read
+    else:
+        assert read > 5_000, read  # O(n^2): the whole table, once per batch
 
 
 async def test_crash_between_xadd_and_commit_does_not_publish_twice(

@@ -15,7 +15,9 @@ from worker_service.settings import WorkerSettings
 
 
 async def serve(cfg: WorkerSettings, router: Router) -> None:
-    pool = await create_pool(cfg.database_url, max_size=cfg.db_pool_size)
+    # Custom plans: the batched completion UPDATE must not keep a plan made for an empty
+    # outbox (see create_pool).
+    pool = await create_pool(cfg.database_url, max_size=cfg.db_pool_size, custom_plans=True)
     redis = create_redis(cfg.redis_url)
     worker = Worker(router, pool, redis, cfg)
     maintenance = WorkerMaintenance(
