@@ -2,8 +2,8 @@
 
 - "incr": one Redis INCR, the worker-drain stage's task.
 - "send_verify_email" (the task the API enqueues): records commit->handler latency, i.e.
-  `now - envelope.created_at` in seconds, with `now` and the username, into a Redis list,
-  for the end-to-end stage.
+  `now - envelope.created_at` in seconds, with `now`, the username and the time of the
+  XADD (from the stream id), into a Redis list, for the end-to-end stage.
 """
 
 from __future__ import annotations
@@ -29,4 +29,6 @@ async def record_latency(ctx: TaskContext) -> None:
     now = time.time()
     latency = now - ctx.envelope.created_at.timestamp()
     user = ctx.payload.get("username", "")
-    await ctx.redis.rpush(LATENCY_KEY, f"{latency:.6f} {now:.6f} {user}")
+    # The stream id's first part is when Redis took the relay's XADD (ms, same clock).
+    xadd = int(ctx.stream_id.split("-", 1)[0]) / 1000
+    await ctx.redis.rpush(LATENCY_KEY, f"{latency:.6f} {now:.6f} {user} {xadd:.3f}")

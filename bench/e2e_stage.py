@@ -213,6 +213,8 @@ class Window:
     http_done_after: float = math.nan  # seconds after the last send
     e2e_done_after: float = math.nan
     e2e: list[float] = field(default_factory=list)
+    to_xadd: list[float] = field(default_factory=list)  # commit->XADD, of e2e
+    from_xadd: list[float] = field(default_factory=list)  # XADD->handler, of e2e
     cpu: dict[str, float] = field(default_factory=dict)  # cores used while sending
     calls: dict[str, float] = field(default_factory=dict)  # server calls per signup sent
 
@@ -233,6 +235,8 @@ class Window:
             "errors": self.errors,
             "http_ms_p50_p95_p99": triple(self.http),
             "e2e_ms_p50_p95_p99": triple(self.e2e),
+            "commit_to_xadd_ms_p50_p95_p99": triple(self.to_xadd),
+            "xadd_to_done_ms_p50_p95_p99": triple(self.from_xadd),
             "send_lag_ms_p99": percentile(self.send_lag, 99) * 1000,
             "http_done_after_s": self.http_done_after,
             "e2e_done_after_s": self.e2e_done_after,
@@ -253,9 +257,18 @@ async def collect_records(r: Any, expected: int, within: float) -> list[list[str
     return [x.decode().split(" ") for x in raw]
 
 
-async def collect_e2e(r: Any, expected: int, within: float) -> list[float]:
-    """Commit->done seconds of `expected` completions (or what came within the time)."""
-    return [float(rec[0]) for rec in await collect_records(r, expected, within)]
+async def collect_e2e(
+    r: Any, expected: int, within: float
+) -> tuple[list[float], list[float], list[float]]:
+    """Of `expected` completions (or what came within the time): seconds commit->done,
+    commit->XADD (the relay's part) and XADD->handler (the worker's part, ms resolution)."""
+    total, relay, worker = [], [], []
+    for rec in await collect_records(r, expected, within):
+        latency, done, xadd = float(rec[0]), float(rec[1]), float(rec[3])
+        total.append(latency)
+        relay.append(xadd - (done - latency))
+        worker.append(done - xadd)
+    return total, relay, worker
 
 
 async def post_signup(session: aiohttp.ClientSession, url: str, name: str) -> tuple[int, float]:
@@ -322,7 +335,7 @@ async def open_loop(
     w.e2e_done_after = time.perf_counter() - last_send
     sampler.cancel()
     await asyncio.gather(sampler, return_exceptions=True)
-    w.e2e = await collect_e2e(r, w.ok, 1)
+    w.e2e, w.to_xadd, w.from_xadd = await collect_e2e(r, w.ok, 1)
 
 
 async def idle_signups(
@@ -429,6 +442,10 @@ async def run(
                 log(
                     f"    ok {w.ok}/{w.sent}, HTTP ms {fmt3(triple(w.http))}, "
                     f"commit->done ms {fmt3(triple(w.e2e))}, held={w.held}"
+                )
+                log(
+                    f"    of which commit->XADD ms {fmt3(triple(w.to_xadd))}, "
+                    f"XADD->handler ms {fmt3(triple(w.from_xadd))}"
                 )
                 await asyncio.sleep(1.0)
         peak = {s.name: s.memory()[1] for s in services}
