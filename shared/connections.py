@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
     from asyncpg.pool import PoolConnectionProxy
 
 # A connection as handed out by a pool or opened on its own.
@@ -82,4 +82,7 @@ def create_redis(url: str, **kwargs: Any) -> aioredis.Redis:
     kwargs.setdefault("health_check_interval", 15)
     kwargs.setdefault("socket_connect_timeout", 5)
     kwargs.setdefault("socket_keepalive", True)
-    return aioredis.Redis.from_url(url, **kwargs)
+    # Imported here: the API never talks to Redis, and redis-py is 7 MiB of its RSS.
+    from redis.asyncio import Redis
+
+    return Redis.from_url(url, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -290,3 +292,13 @@ async def test_readyz_is_503_when_postgres_is_down(
         assert (await client.get("/healthz")).status == 200
     finally:
         pg_server.start()
+
+
+def test_the_api_process_does_not_load_redis_py() -> None:
+    """Signups never depend on Redis, and redis-py would be 7 MiB of the API's memory."""
+    code = (
+        "import sys, api_service.__main__; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
