@@ -5,7 +5,8 @@ time of one hash with argon2-cffi in this process, timed alone), and what bare h
 reaches when every core hashes at once (one thread per usable CPU, the API's default pool
 size), which also counts what concurrent 64 MiB hashes cost each other in memory
 bandwidth. Only the API runs (plus Postgres): the relay and worker add nothing the limit
-depends on.
+depends on. For comparison, the API with OWASP's smaller argon2id setting (t=2, 19 MiB):
+its signups/s and the memory it holds.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def parallel_hash_rate(threads: int, duration: float) -> float:
 
 
 async def closed_loop(
-    url: str, concurrency: int, duration: float, warmup: float
+    url: str, concurrency: int, duration: float, warmup: float, prefix: str = "p"
 ) -> tuple[int, int]:
     """`concurrency` clients in a loop; (successes, errors) completed after the warm-up."""
     ok = errors = 0
@@ -57,7 +58,7 @@ async def closed_loop(
         nonlocal ok, errors
         i = 0
         while time.perf_counter() < stop_at:
-            status, _ = await post_signup(session, url, f"p{k}_{i}")
+            status, _ = await post_signup(session, url, f"{prefix}{k}_{i}")
             i += 1
             done = time.perf_counter()
             if count_from <= done <= stop_at:
@@ -121,6 +122,7 @@ async def run(stack: Stack, hash_samples: int, sequential: int, duration: float)
         f" -> limit {limit:.1f} signups/s on {n_cores} cores"
     )
     log(f"  {rate:.1f} signups/s ({rate / limit:.0%} of the limit), API peak RSS {peak:.0f} MiB")
+    owasp = await owasp_comparison(stack, hash_samples, concurrency, duration / 2)
     res = StageResult(
         details={
             "hash_ms": [t * 1000 for t in times],
@@ -138,6 +140,7 @@ async def run(stack: Stack, hash_samples: int, sequential: int, duration: float)
                 "rate": rate,
             },
             "api_peak_rss_mib": peak,
+            "owasp": owasp,
         }
     )
     res.figures += [
@@ -193,5 +196,61 @@ async def run(stack: Stack, hash_samples: int, sequential: int, duration: float)
             100,
             target_label="< 100 MB",
         ),
+        Figure(
+            STAGE,
+            "for comparison: signups/s with OWASP's argon2id (t=2, 19 MiB)",
+            owasp["rate"],
+            "/s",
+            owasp["limit_per_s"],
+            f"cores/hash = {n_cores}/{owasp['hash_ms_median']:.0f} ms",
+            note=f"not the default; {concurrency} clients, {owasp['errors']} errors",
+        ),
+        Figure(
+            STAGE,
+            "for comparison: API peak RSS with OWASP's argon2id (VmHWM)",
+            owasp["api_peak_rss_mib"],
+            "MiB",
+            owasp["api_idle_rss_mib"],
+            "RSS idle after start",
+            note=f"19 MiB x {n_cores} hash threads on top; < 100 MB: "
+            + ("yes" if owasp["api_peak_rss_mib"] < 100 else "no"),
+        ),
     ]
     return res
+
+
+OWASP_TIME_COST, OWASP_MEMORY_KIB = 2, 19_456
+
+
+async def owasp_comparison(
+    stack: Stack, hash_samples: int, concurrency: int, duration: float
+) -> dict[str, float]:
+    """The API with OWASP's first argon2id setting (t=2, 19 MiB, p=1) instead of the default:
+    what the memory target would cost in hashing strength, measured rather than guessed."""
+    log(f"  for comparison: OWASP's argon2id (t={OWASP_TIME_COST}, 19 MiB), {duration:.0f}s")
+    times = hash_times(OWASP_TIME_COST, OWASP_MEMORY_KIB, hash_samples)
+    api = stack.service(
+        "api",
+        ARGON2_TIME_COST=str(OWASP_TIME_COST),
+        ARGON2_MEMORY_KIB=str(OWASP_MEMORY_KIB),
+    ).start()
+    try:
+        await api.wait_healthy("/readyz")
+        idle = api.memory()[0]
+        url = f"http://127.0.0.1:{api.port}/v1/users"
+        ok, errors = await closed_loop(url, concurrency, duration, warmup=1.0, prefix="owasp")
+        peak = api.memory()[1]
+    finally:
+        api.stop()
+    times += hash_times(OWASP_TIME_COST, OWASP_MEMORY_KIB, hash_samples)
+    med = percentile(times, 50)
+    rate = ok / duration
+    log(f"    {rate:.1f} signups/s, hash median {med * 1000:.1f} ms, API peak RSS {peak:.0f} MiB")
+    return {
+        "hash_ms_median": med * 1000,
+        "limit_per_s": usable_cpus() / med,
+        "rate": rate,
+        "errors": errors,
+        "api_peak_rss_mib": peak,
+        "api_idle_rss_mib": idle,
+    }
