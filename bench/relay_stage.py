@@ -48,8 +48,9 @@ WHERE id = ANY($1::bigint[])
 
 
 async def bare_claim_and_mark(dsn: str) -> tuple[float, int]:
-    """Baseline (a): SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1000 + UPDATE ... = ANY."""
-    conn = await asyncpg.connect(dsn)
+    """Baseline (a): SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1000 + UPDATE ... = ANY,
+    committed as the relay commits (no WAL flush: `synchronous_commit = off`)."""
+    conn = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "off"})
     n = 0
     try:
         started = time.perf_counter()

@@ -19,11 +19,12 @@ logger = logging.getLogger("relay")
 
 async def serve(cfg: RelaySettings) -> None:
     # The relay's commits need not wait for the disk. What it writes is progress: a batch
-    # marked published. If Postgres crashes and loses the mark, the rows are claimed again
-    # and their dedupe keys in Redis give back the stream ids of the first XADD, so nothing
-    # is published twice (test_relay: ..._after_a_postgres_crash). A batch then costs no
-    # WAL flush, which let a relay keep up with more signups at lower latency. The one
-    # write that is not progress, the reconciler's republish, commits durably on its own.
+    # marked published, a backoff, a retention purge. If Postgres crashes and loses a mark,
+    # the rows are claimed again and their dedupe keys in Redis give back the stream ids of
+    # the first XADD, so nothing is published twice (test_relay.py, test_marks_a_postgres_
+    # crash_loses_...). A batch then costs no WAL flush. Every write added to this pool
+    # inherits this: one that cannot be redone must commit durably on its own, as the
+    # reconciler's republish does (SET LOCAL synchronous_commit = on).
     pool = await create_pool(
         cfg.database_url, max_size=cfg.db_pool_size, durable_commits=False, custom_plans=True
     )

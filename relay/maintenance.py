@@ -1,4 +1,8 @@
-"""The relay's slow loop: backlog gauges, reconciliation with Redis, and retention."""
+"""The relay's slow loop: backlog gauges, reconciliation with Redis, and retention.
+
+It runs on the relay's pool, whose commits are asynchronous (relay.__main__): a purge a
+Postgres crash undoes is simply done again.
+"""
 
 from __future__ import annotations
 
