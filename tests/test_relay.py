@@ -519,12 +519,16 @@ def lazy_pg(workdir: Path) -> Iterator[PostgresServer]:
     server.stop()
 
 
-def crash(server: PostgresServer, *pools: asyncpg.Pool[Any]) -> None:
-    """kill -9 Postgres and start it again (recovering from its WAL)."""
+async def relay_pool(server: PostgresServer) -> asyncpg.Pool[Any]:
+    return await create_pool(server.dsn, durable_commits=False)  # as relay.__main__
+
+
+async def crash(server: PostgresServer, pool: asyncpg.Pool[Any]) -> asyncpg.Pool[Any]:
+    """kill -9 Postgres, start it again (recovering from its WAL), and open a new pool."""
     server.kill()
-    for p in pools:
-        p.terminate()
+    pool.terminate()
     server.start()
+    return await relay_pool(server)
 
 
 async def test_marks_a_postgres_crash_loses_are_redone_without_publishing_twice(
@@ -535,30 +539,23 @@ async def test_marks_a_postgres_crash_loses_are_redone_without_publishing_twice(
     durable = await create_pool(lazy_pg.dsn)
     await add_events(durable, 5)  # the signups' own commits are durable
     await durable.close()
-    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)  # as relay.__main__
+    pool = await relay_pool(lazy_pg)
     try:
-        assert await relay_pool.fetchval("SHOW synchronous_commit") == "off"
-        await RelayLoop(relay_pool, redis, settings).run_once()
+        assert await pool.fetchval("SHOW synchronous_commit") == "off"
+        await RelayLoop(pool, redis, settings).run_once()
         first = await stream_ids(redis)
         assert len(first) == 5
-    except BaseException:
-        relay_pool.terminate()
-        raise
 
-    crash(lazy_pg, relay_pool)
-    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)
-    try:
+        pool = await crash(lazy_pg, pool)
         # The crash took the marks with it: the rows are due again...
-        assert (
-            await relay_pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 5
-        )
-        await RelayLoop(relay_pool, redis, settings).run_once()
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 5
+        await RelayLoop(pool, redis, settings).run_once()
         # ...and the next batch finds the first XADDs by their dedupe keys.
         assert await redis.xlen(stream_key()) == 5
-        marked = await relay_pool.fetch("SELECT stream_id FROM outbox ORDER BY id")
+        marked = await pool.fetch("SELECT stream_id FROM outbox ORDER BY id")
         assert [r["stream_id"].encode() for r in marked] == first
     finally:
-        await relay_pool.close()
+        await pool.close()
 
 
 async def test_a_republish_survives_a_postgres_crash(
@@ -574,29 +571,19 @@ async def test_a_republish_survives_a_postgres_crash(
     await durable.close()
     await redis.flushall()  # Redis loses the entries and their dedupe keys
 
-    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)
+    publisher = Publisher(redis, settings.dedupe_ttl_seconds)
+    pool = await relay_pool(lazy_pg)
     try:
-        reconciler = Reconciler(
-            relay_pool, redis, Publisher(redis, settings.dedupe_ttl_seconds), after_seconds=0.0
-        )
-        assert await reconciler.run_once() == 3
+        assert await Reconciler(pool, redis, publisher, after_seconds=0.0).run_once() == 3
         new = await stream_ids(redis)
-    except BaseException:
-        relay_pool.terminate()
-        raise
 
-    crash(lazy_pg, relay_pool)
-    relay_pool = await create_pool(lazy_pg.dsn, durable_commits=False)
-    try:
-        marked = await relay_pool.fetch("SELECT stream_id FROM outbox ORDER BY id")
+        pool = await crash(lazy_pg, pool)
+        marked = await pool.fetch("SELECT stream_id FROM outbox ORDER BY id")
         assert [r["stream_id"].encode() for r in marked] == new
-        reconciler = Reconciler(
-            relay_pool, redis, Publisher(redis, settings.dedupe_ttl_seconds), after_seconds=0.0
-        )
-        assert await reconciler.run_once() == 0
+        assert await Reconciler(pool, redis, publisher, after_seconds=0.0).run_once() == 0
         assert await redis.xlen(stream_key()) == 3
     finally:
-        await relay_pool.close()
+        await pool.close()
 
 
 async def lazy_pg_truncate(server: PostgresServer) -> None:
