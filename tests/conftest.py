@@ -24,6 +24,7 @@ from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
 from shared.connections import create_pool, create_redis
 from shared.migrate import migrate
+from tests.helpers import truncate_tables
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +69,7 @@ async def clean(pg_server: PostgresServer, redis_server: RedisServer, smtp_sink:
         pg_server.start()
     if redis_server.proc is None:
         redis_server.start()
-    conn = await asyncpg.connect(pg_server.dsn)
-    try:
-        await conn.execute("TRUNCATE users, outbox, verify_emails RESTART IDENTITY CASCADE")
-    finally:
-        await conn.close()
+    await truncate_tables(pg_server.dsn)
     r = create_redis(redis_server.url)
     await r.flushall()
     await r.aclose()

@@ -39,7 +39,7 @@ from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
 from shared.migrate import migrate
 from shared.outbox import enqueue
-from tests.helpers import eventually
+from tests.helpers import eventually, truncate_tables
 from worker_service.consumer import _MARK_COMPLETED
 
 
@@ -535,7 +535,7 @@ async def test_marks_a_postgres_crash_loses_are_redone_without_publishing_twice(
     lazy_pg: PostgresServer, redis_server: RedisServer, redis: aioredis.Redis
 ) -> None:
     settings = relay_settings(lazy_pg, redis_server, batch_size=100)
-    await lazy_pg_truncate(lazy_pg)
+    await truncate_tables(lazy_pg.dsn)
     durable = await create_pool(lazy_pg.dsn)
     await add_events(durable, 5)  # the signups' own commits are durable
     await durable.close()
@@ -564,7 +564,7 @@ async def test_a_republish_survives_a_postgres_crash(
     """The reconciler's republish is not progress that can be redone: were its new stream
     id lost, the next check would find the old one missing and publish a second time."""
     settings = relay_settings(lazy_pg, redis_server, batch_size=100)
-    await lazy_pg_truncate(lazy_pg)
+    await truncate_tables(lazy_pg.dsn)
     durable = await create_pool(lazy_pg.dsn)
     await add_events(durable, 3)
     await RelayLoop(durable, redis, settings).run_once()
@@ -584,14 +584,6 @@ async def test_a_republish_survives_a_postgres_crash(
         assert await redis.xlen(stream_key()) == 3
     finally:
         await pool.close()
-
-
-async def lazy_pg_truncate(server: PostgresServer) -> None:
-    conn = await asyncpg.connect(server.dsn)
-    try:
-        await conn.execute("TRUNCATE users, outbox, verify_emails RESTART IDENTITY CASCADE")
-    finally:
-        await conn.close()
 
 
 async def outbox_seq_tup_read(dsn: str) -> int:
@@ -614,7 +606,7 @@ async def test_batch_updates_use_the_indexes_as_an_empty_outbox_grows(
     UPDATEs keep the sequential scans planned for the empty table; the services' pools
     (custom_plans=True) read no more rows than they change. On the server without
     autovacuum: an ANALYZE in the middle would replan both."""
-    await lazy_pg_truncate(lazy_pg)
+    await truncate_tables(lazy_pg.dsn)
     before = await outbox_seq_tup_read(lazy_pg.dsn)
     service_pool = await create_pool(lazy_pg.dsn, max_size=1, custom_plans=custom_plans)
     try:
