@@ -16,9 +16,10 @@ import asyncio
 import math
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -38,6 +39,8 @@ from bench.common import (
     percentile,
     server_counters,
 )
+
+_T = TypeVar("_T")
 
 STAGE = "3 end to end"
 # Cheap enough that the stage measures the pipeline, not the hash (stage 4 does that):
@@ -378,6 +381,25 @@ async def idle_signups(
     return http, upper, lower
 
 
+async def back_to_back_signups(session: aiohttp.ClientSession, url: str, n: int) -> list[float]:
+    """HTTP seconds of `n` signups from one client, each sent when the last is answered."""
+    out = []
+    for i in range(n):
+        _, secs = await post_signup(session, url, f"b2b_{i}")
+        out.append(secs)
+    return out
+
+
+async def on_server(
+    session: aiohttp.ClientSession, port: int, work: Awaitable[_T]
+) -> tuple[_T, float]:
+    """`work`'s result, and the mean of the API's own POST /v1/users latency while it ran."""
+    sum0, count0 = await server_side(session, port)
+    result = await work
+    sum1, count1 = await server_side(session, port)
+    return result, (sum1 - sum0) / max(1.0, count1 - count0)
+
+
 async def server_side(session: aiohttp.ClientSession, port: int) -> tuple[float, float]:
     """(sum of seconds, count) of the API's own POST /v1/users latency histogram."""
     async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
@@ -442,18 +464,13 @@ async def run(
                 for s in services:
                     s.start_profile(profile_dir / f"e2e-{s.name}.svg")
             log(f"  idle wake-up: {idle_count} single signups 200 ms apart")
-            sum0, count0 = await server_side(session, api.port)
-            idle_http, idle_e2e, idle_low = await idle_signups(session, url, r, idle_count, 0.2)
-            sum1, count1 = await server_side(session, api.port)
-            server_mean = (sum1 - sum0) / max(1.0, count1 - count0)
+            (idle_http, idle_e2e, idle_low), server_mean = await on_server(
+                session, api.port, idle_signups(session, url, r, idle_count, 0.2)
+            )
             log(f"  back to back: {b2b_count} signups, each sent when the last is answered")
-            b2b_http = []
-            sum0, count0 = await server_side(session, api.port)
-            for i in range(b2b_count):
-                _, secs = await post_signup(session, url, f"b2b_{i}")
-                b2b_http.append(secs)
-            sum1, count1 = await server_side(session, api.port)
-            b2b_server_mean = (sum1 - sum0) / max(1.0, count1 - count0)
+            b2b_http, b2b_server_mean = await on_server(
+                session, api.port, back_to_back_signups(session, url, b2b_count)
+            )
             await collect_e2e(r, b2b_count, 10)
             meter = stack.cpu_meter(*services)
             windows: list[Window] = []
