@@ -20,7 +20,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from devstack.postgres import PostgresServer
-from devstack.procs import free_port, make_traversable
+from devstack.procs import free_port, make_traversable, proc_memory
 from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
 from shared.migrate import migrate
@@ -106,21 +106,6 @@ class StageResult:
 
 
 # -- processes ---------------------------------------------------------------------------
-
-
-def proc_memory(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MiB, from /proc; (nan, nan) if it is gone."""
-    rss = hwm = math.nan
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return rss, hwm
-    for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) / 1024
-        elif line.startswith("VmHWM:"):
-            hwm = int(line.split()[1]) / 1024
-    return rss, hwm
 
 
 _TICK = os.sysconf("SC_CLK_TCK")

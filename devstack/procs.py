@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+
+def proc_memory(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MiB, from /proc; (nan, nan) if it is gone."""
+    rss = hwm = math.nan
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return rss, hwm
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024
+    return rss, hwm
 
 
 def free_port() -> int:

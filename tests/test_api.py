@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -15,7 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from api_service.app import create_app
 from api_service.settings import ApiSettings
 from devstack.postgres import PostgresServer
+from devstack.procs import free_port, proc_memory, wait_for_port
 from devstack.redis import RedisServer
+from devstack.services import ServiceProcess
 from shared.verification import hash_code
 from tests.helpers import signup_body
 
@@ -302,3 +307,42 @@ def test_the_api_process_does_not_load_redis_py() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+async def test_the_api_with_default_hashing_stays_under_100_mb(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer, workdir: Path
+) -> None:
+    """The issue's memory target with the production argon2id parameters (the settings'
+    defaults, nothing overridden) on two hash threads hashing at once, as on two CPUs:
+    every hash in flight holds its memory, so the defaults must leave room for two."""
+    port = free_port()
+    env = {
+        "DATABASE_URL": pg_server.dsn,
+        "REDIS_URL": "redis://127.0.0.1:1",  # never used by the API
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "API_HASH_THREADS": "2",
+    }
+    api = ServiceProcess("api", env, workdir / "rss-api.log").start()
+    try:
+        wait_for_port(port, 30, api.proc)
+        url = f"http://127.0.0.1:{port}/v1/users"
+        async with aiohttp.ClientSession() as session:
+
+            async def signup(i: int) -> int:
+                async with session.post(url, json=signup_body(f"rss_{i}")) as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*(signup(i) for i in range(16)))
+        assert statuses == [201] * 16
+        assert api.proc is not None
+        peak_mib = proc_memory(api.proc.pid)[1]
+    finally:
+        assert api.terminate() == 0
+    defaults = ApiSettings.model_fields
+    stored = await pool.fetchval("SELECT hashed_password FROM users LIMIT 1")
+    assert stored.startswith(
+        f"$argon2id$v=19$m={defaults['argon2_memory_kib'].default},"
+        f"t={defaults['argon2_time_cost'].default},p=1$"
+    )
+    assert peak_mib * 2**20 < 100_000_000, f"API peak RSS {peak_mib:.0f} MiB"

@@ -70,7 +70,7 @@ def test_missing_required_values_are_named(monkeypatch: pytest.MonkeyPatch) -> N
 )
 def test_hash_threads_default_to_the_cpus_the_process_may_use() -> None:
     """In a container limited to one CPU of many (a cpuset), the API must not start one
-    64 MiB argon2 thread per host CPU."""
+    argon2 thread (and its hash memory) per host CPU."""
     one_cpu = min(os.sched_getaffinity(0))
     code = (
         f"import os; os.sched_setaffinity(0, {{{one_cpu}}});"
