@@ -19,7 +19,7 @@ from typing import Any, Literal
 import asyncpg
 import redis.asyncio as aioredis
 
-from devstack.postgres import PostgresServer
+from devstack.postgres import PostgresServer, truncate_tables
 from devstack.procs import free_port, make_traversable, proc_memory
 from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
@@ -337,11 +337,7 @@ class Stack:
 
     async def reset(self) -> None:
         """Empty tables and Redis (between stages)."""
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            await conn.execute("TRUNCATE users, outbox, verify_emails RESTART IDENTITY CASCADE")
-        finally:
-            await conn.close()
+        await truncate_tables(self.dsn)
         r = self.redis()
         try:
             await r.flushall()

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import asyncpg
+
 from devstack.procs import free_port, kill9, make_traversable, stop_process
 
 # Postgres refuses to run as root; under root the server runs as this user.
@@ -178,3 +180,12 @@ class PostgresServer:
         if done.returncode != 0 and "already exists" not in done.stderr:
             raise RuntimeError(f"createdb {name} failed: {done.stderr.strip()}")
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+async def truncate_tables(dsn: str) -> None:
+    """Empty the application's tables and restart their ids (tests and the benchmark)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("TRUNCATE users, outbox, verify_emails RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()

@@ -18,13 +18,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from devstack.postgres import PostgresServer
+from devstack.postgres import PostgresServer, truncate_tables
 from devstack.procs import free_port, make_traversable
 from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
 from shared.connections import create_pool, create_redis
 from shared.migrate import migrate
-from tests.helpers import truncate_tables
 
 
 @pytest.fixture(scope="session")

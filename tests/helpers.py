@@ -10,18 +10,7 @@ from email.message import EmailMessage
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import asyncpg
-
 LINK = re.compile(r"https?://\S+/v1/verify_email\?\S+")
-
-
-async def truncate_tables(dsn: str) -> None:
-    """Empty the application's tables (and restart their ids)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("TRUNCATE users, outbox, verify_emails RESTART IDENTITY CASCADE")
-    finally:
-        await conn.close()
 
 
 async def eventually(

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
-from devstack.postgres import PostgresServer
+from devstack.postgres import PostgresServer, truncate_tables
 from devstack.redis import RedisServer
 from relay.listener import Listener
 from relay.maintenance import refresh_backlog_gauges
@@ -39,7 +39,7 @@ from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
 from shared.migrate import migrate
 from shared.outbox import enqueue
-from tests.helpers import eventually, truncate_tables
+from tests.helpers import eventually
 from worker_service.consumer import _MARK_COMPLETED
 
 
