@@ -13,8 +13,10 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, alias="API_MAX_BODY_BYTES")
     # argon2id parameters. Each hash in flight holds its memory, and one runs per hash
     # thread (one per CPU), so the memory per hash is what the API's RSS budget (100 MB)
-    # allows: 12 MiB, OWASP's setting for 12 MiB (t=3) with twice its passes (about 35 ms
-    # of one core). RFC 9106's 64 MiB (t=3) held 184 MiB of RSS on 2 CPUs (README).
+    # allows: RSS is about 55 MiB + hash threads x memory, under 100 MB for up to three
+    # threads at 12 MiB, OWASP's setting for 12 MiB (t=3) with twice its passes (about
+    # 35 ms of one core). The previous default, 64 MiB and t=3 (RFC 9106's memory and
+    # passes, with p=1), held 184 MiB on 2 CPUs (README, Performance).
     argon2_time_cost: int = Field(6, ge=1, le=20, alias="ARGON2_TIME_COST")
     argon2_memory_kib: int = Field(12_288, ge=8, le=4_194_304, alias="ARGON2_MEMORY_KIB")
     argon2_parallelism: int = Field(1, ge=1, le=64, alias="ARGON2_PARALLELISM")

@@ -341,7 +341,7 @@ async def test_the_api_with_default_hashing_stays_under_100_mb(
         assert api.terminate() == 0
     defaults = ApiSettings.model_fields
     stored = await pool.fetchval("SELECT hashed_password FROM users LIMIT 1")
-    assert stored.startswith(
+    assert stored.startswith(  # ARGON2_* set in the environment would show up here
         f"$argon2id$v=19$m={defaults['argon2_memory_kib'].default},"
         f"t={defaults['argon2_time_cost'].default},p=1$"
     )
