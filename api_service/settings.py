@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.settings import CommonSettings, usable_cpus
+from shared.constants import DEFAULT_QUEUE
+from shared.settings import CommonSettings, QueueName, usable_cpus
 
 
 class ApiSettings(CommonSettings):
     api_host: str = Field("0.0.0.0", alias="API_HOST")
     api_port: int = Field(8000, ge=0, le=65535, alias="API_PORT")
     max_body_bytes: int = Field(64 * 1024, ge=1024, alias="API_MAX_BODY_BYTES")
+    queue: QueueName = Field(
+        DEFAULT_QUEUE, description="The queue (stream) verification emails are enqueued into."
+    )
     # argon2id parameters. Each hash in flight holds its memory, and one runs per hash
     # thread (one per CPU), so the memory per hash is what the API's RSS budget (100 MB)
     # allows: RSS is about 55 MiB + hash threads x memory, under 100 MB for up to three

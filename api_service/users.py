@@ -31,11 +31,11 @@ WITH new_user AS (
     VALUES ($1, $2, $3, $4)
     RETURNING username, full_name, email, is_email_verified, created_at
 ), event AS (
-    INSERT INTO outbox (event_id, task_type, payload, headers)
-    SELECT $5, $6, $7, $8 FROM new_user
+    INSERT INTO outbox (event_id, task_type, queue, payload, headers)
+    SELECT $5, $6, $7, $8, $9 FROM new_user
     RETURNING id
 )
-SELECT new_user.*, pg_notify($9, '') FROM new_user, event
+SELECT new_user.*, pg_notify($10, '') FROM new_user, event
 """
 
 _CONSTRAINT_PROBLEMS = {
@@ -88,6 +88,7 @@ async def create_user(request: web.Request) -> web.Response:
             hashed,
             event_id,
             TASK_SEND_VERIFY_EMAIL,
+            ctx.settings.queue,
             {"username": signup.username},  # no secrets in the outbox
             {"request_id": request[REQUEST_ID_KEY]},
             NOTIFY_CHANNEL,
@@ -103,6 +104,6 @@ async def create_user(request: web.Request) -> web.Response:
     return web.Response(
         status=201,
         body=user.model_dump_json(),
+        # No Location: there is no GET for a user (it would publish who signed up).
         content_type="application/json",
-        headers={"Location": f"/v1/users/{signup.username}"},
     )

@@ -39,6 +39,7 @@ from bench.common import (
     percentile,
     server_counters,
 )
+from shared.constants import DEFAULT_QUEUE
 
 _T = TypeVar("_T")
 
@@ -105,6 +106,7 @@ def bare_signup_args(name: str, channel: str) -> list[Any]:
         "x",
         uuid.uuid4(),
         "bare",
+        DEFAULT_QUEUE,
         orjson.dumps({"username": name}).decode(),
         "{}",
         channel,

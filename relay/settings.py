@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from shared.settings import CommonSettings
+from shared.settings import StreamSettings
 
 
-class RelaySettings(CommonSettings):
+class RelaySettings(StreamSettings):
     batch_size: int = Field(1000, ge=1, le=10_000, alias="RELAY_BATCH_SIZE")
     concurrency: int = Field(
         2,
@@ -47,7 +47,7 @@ class RelaySettings(CommonSettings):
     metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
     metrics_port: int = Field(9101, ge=0, le=65535, alias="METRICS_PORT")
 
-    model_config = CommonSettings.model_config | {"populate_by_name": True}
+    model_config = StreamSettings.model_config | {"populate_by_name": True}
 
     @model_validator(mode="after")
     def _dedupe_outlives_reconcile(self) -> RelaySettings:

@@ -44,7 +44,7 @@ from shared.connections import create_pool, create_redis
 from shared.constants import DEFAULT_QUEUE, ENVELOPE_FIELD, RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
-from shared.settings import PostgresUrl, RedisUrl, load
+from shared.settings import PostgresUrl, QueueName, RedisUrl, load
 from worker_service.queue import StreamQueue
 
 PROG = "outboxctl"
@@ -64,7 +64,7 @@ class CtlSettings(BaseSettings):
 
     database_url: PostgresUrl = Field(description="Postgres DSN.")
     redis_url: RedisUrl = Field(description="Redis URL carrying the streams.")
-    queue: str = Field(DEFAULT_QUEUE, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    queue: QueueName = DEFAULT_QUEUE
 
 
 class CtlError(Exception):

@@ -40,6 +40,8 @@ PostgresUrl = Annotated[str, _url_with_scheme("postgresql", "postgres")]
 RedisUrl = Annotated[str, _url_with_scheme("redis", "rediss", "unix")]
 SmtpUrl = Annotated[str, _url_with_scheme("smtp", "smtps")]
 HttpUrl = Annotated[str, _url_with_scheme("http", "https")]
+# A queue's name goes into its stream's key (outbox:{name}).
+QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
 class CommonSettings(BaseSettings):
@@ -48,13 +50,18 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     database_url: PostgresUrl = Field(description="Postgres DSN, the source of truth.")
-    redis_url: RedisUrl = Field(description="Redis URL carrying the streams.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_grace_seconds: float = Field(
         10.0, gt=0, le=600, description="How long in-flight work may finish after SIGTERM."
     )
     db_pool_size: int = Field(10, ge=1, le=200)
-    queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class StreamSettings(CommonSettings):
+    """Settings of the services that talk to Redis: the relay and the worker (the API only
+    writes to Postgres)."""
+
+    redis_url: RedisUrl = Field(description="Redis URL carrying the streams.")
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)

@@ -19,7 +19,6 @@ from api_service.app import create_app
 from api_service.settings import ApiSettings
 from devstack.postgres import PostgresServer
 from devstack.procs import free_port, proc_memory, wait_for_port
-from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
 from shared.verification import hash_code
 from tests.helpers import signup_body
@@ -27,17 +26,17 @@ from tests.helpers import signup_body
 PROBLEM = "application/problem+json"
 
 
+def cheap_settings(pg_server: PostgresServer, **overrides: Any) -> ApiSettings:
+    return ApiSettings(
+        database_url=pg_server.dsn, argon2_time_cost=1, argon2_memory_kib=1024, **overrides
+    )
+
+
 @pytest.fixture
 async def client(
-    pool: asyncpg.Pool[Any], pg_server: PostgresServer, redis_server: RedisServer
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer
 ) -> AsyncIterator[TestClient[Any, Any]]:
-    settings = ApiSettings(
-        database_url=pg_server.dsn,
-        redis_url=redis_server.url,
-        argon2_time_cost=1,
-        argon2_memory_kib=1024,
-    )
-    async with TestClient(TestServer(create_app(settings, pool))) as c:
+    async with TestClient(TestServer(create_app(cheap_settings(pg_server), pool))) as c:
         yield c
 
 
@@ -47,6 +46,7 @@ async def test_signup_commits_user_and_outbox_row_together(
     resp = await client.post("/v1/users", json=signup_body(1), headers={"X-Request-ID": "req-42"})
     assert resp.status == 201
     assert resp.headers["X-Request-ID"] == "req-42"
+    assert "Location" not in resp.headers  # nothing serves GET /v1/users/{username}
     body = await resp.json()
     assert body["username"] == "user_1"
     assert body["is_email_verified"] is False
@@ -61,6 +61,18 @@ async def test_signup_commits_user_and_outbox_row_together(
     assert rows[0]["payload"] == {"username": "user_1"}  # no secrets in the outbox
     assert rows[0]["headers"] == {"request_id": "req-42"}
     assert rows[0]["published_at"] is None
+    assert rows[0]["queue"] == "default"
+
+
+async def test_signups_go_to_the_configured_queue(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer
+) -> None:
+    """QUEUE=mail on the API and on a worker: the relay publishes each row to its own
+    queue's stream, so the API must write the queue it is configured with."""
+    app = create_app(cheap_settings(pg_server, queue="mail"), pool)
+    async with TestClient(TestServer(app)) as c:
+        assert (await c.post("/v1/users", json=signup_body(1))).status == 201
+    assert await pool.fetchval("SELECT queue FROM outbox") == "mail"
 
 
 async def test_request_id_is_generated_when_absent_or_insane(
@@ -314,11 +326,11 @@ async def test_the_api_with_default_hashing_stays_under_100_mb(
 ) -> None:
     """The issue's memory target with the production argon2id parameters (the settings'
     defaults, nothing overridden) on two hash threads hashing at once, as on two CPUs:
-    every hash in flight holds its memory, so the defaults must leave room for two."""
+    every hash in flight holds its memory, so the defaults must leave room for two. No
+    REDIS_URL either: the API never talks to Redis."""
     port = free_port()
     env = {
         "DATABASE_URL": pg_server.dsn,
-        "REDIS_URL": "redis://127.0.0.1:1",  # never used by the API
         "API_HOST": "127.0.0.1",
         "API_PORT": str(port),
         "API_HASH_THREADS": "2",

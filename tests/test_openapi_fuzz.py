@@ -18,18 +18,16 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from api_service.openapi import build_openapi
 from devstack.postgres import PostgresServer
 from devstack.procs import free_port, wait_for_port
-from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
 
 schema = schemathesis.openapi.from_dict(build_openapi())
 
 
 @pytest.fixture(scope="module")
-def api_base(pg_server: PostgresServer, redis_server: RedisServer, workdir: Path) -> Iterator[str]:
+def api_base(pg_server: PostgresServer, workdir: Path) -> Iterator[str]:
     port = free_port()
     env = {
         "DATABASE_URL": pg_server.dsn,
-        "REDIS_URL": redis_server.url,
         "API_PORT": str(port),
         "API_HOST": "127.0.0.1",
         "ARGON2_TIME_COST": "1",

@@ -7,7 +7,8 @@ import socket
 
 from pydantic import Field, model_validator
 
-from shared.settings import CommonSettings
+from shared.constants import DEFAULT_QUEUE
+from shared.settings import QueueName, StreamSettings
 
 
 def default_consumer_name() -> str:
@@ -16,7 +17,8 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class WorkerSettings(CommonSettings):
+class WorkerSettings(StreamSettings):
+    queue: QueueName = Field(DEFAULT_QUEUE, description="The queue (stream) this worker consumes.")
     consumer_name: str = Field(default_factory=default_consumer_name, alias="WORKER_CONSUMER_NAME")
     concurrency: int = Field(64, ge=1, le=10_000, alias="WORKER_CONCURRENCY")
     read_count: int = Field(500, ge=1, le=10_000, alias="WORKER_READ_COUNT")
@@ -36,7 +38,7 @@ class WorkerSettings(CommonSettings):
     metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
     metrics_port: int = Field(9102, ge=0, le=65535, alias="METRICS_PORT")
 
-    model_config = CommonSettings.model_config | {"populate_by_name": True}
+    model_config = StreamSettings.model_config | {"populate_by_name": True}
 
     @model_validator(mode="after")
     def _check(self) -> WorkerSettings:
