@@ -34,6 +34,7 @@ DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml"
 
 APP_SERVICES = ("api", "relay", "worker")
+STREAM_SERVICES = ("relay", "worker")  # the services that talk to Redis
 SCALED_SERVICES = ("relay", "worker")
 ALL_SERVICES = (
     "postgres",
@@ -254,8 +255,11 @@ def test_app_services_get_the_common_environment(name: str) -> None:
     env = environment(service(name))
     assert env["DATABASE_URL"].startswith("postgresql://")
     assert "@postgres:5432/" in env["DATABASE_URL"]
-    assert env["REDIS_URL"].startswith("redis://redis:6379")
     assert env["LOG_LEVEL"] in {"DEBUG", "INFO", "WARNING", "ERROR"}
+    if name in STREAM_SERVICES:
+        assert env["REDIS_URL"].startswith("redis://redis:6379")
+    else:  # the API and the migrations never talk to Redis
+        assert "REDIS_URL" not in env
 
 
 def test_worker_environment() -> None:
@@ -267,10 +271,15 @@ def test_worker_environment() -> None:
 
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_app_services_wait_for_migrations_and_redis(name: str) -> None:
+    """The relay and the worker wait for the schema and for Redis; the API, which never
+    talks to Redis, only for the schema (a Redis outage must not keep signups down)."""
     deps = service(name).get("depends_on")
     assert isinstance(deps, dict), f"{name}: depends_on needs the long form with conditions"
     assert deps["migrate"]["condition"] == "service_completed_successfully"
-    assert deps["redis"]["condition"] == "service_healthy"
+    if name in STREAM_SERVICES:
+        assert deps["redis"]["condition"] == "service_healthy"
+    else:
+        assert "redis" not in deps
 
 
 def test_migrate_is_one_shot_after_postgres() -> None:
@@ -434,6 +443,17 @@ def test_alert_rules_use_known_metrics() -> None:
         used = series_in(rule["expr"])
         assert used, f"{rule['alert']}: expr names none of the services' metrics"
         assert used <= KNOWN_SERIES, f"{rule['alert']}: unknown series {used - KNOWN_SERIES}"
+        # The runbooks name metrics too, for the operator to query: they must exist.
+        prose = " ".join(str(v) for v in rule.get("annotations", {}).values())
+        named = {token.rstrip(":") for token in series_in(prose)}
+        assert named <= KNOWN_SERIES, f"{rule['alert']}: annotations name {named - KNOWN_SERIES}"
+
+
+def test_known_series_come_from_every_service() -> None:
+    """The registry read found each service's metrics (not only, say, the worker's)."""
+    for name in ("api_signups_total", "relay_outbox_backlog", "worker_tasks_total"):
+        assert name in KNOWN_SERIES
+    assert "loop_errors_total" in KNOWN_SERIES
 
 
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:

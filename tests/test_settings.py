@@ -75,7 +75,7 @@ def test_hash_threads_default_to_the_cpus_the_process_may_use() -> None:
     code = (
         f"import os; os.sched_setaffinity(0, {{{one_cpu}}});"
         "from api_service.settings import ApiSettings;"
-        "print(ApiSettings(DATABASE_URL='postgresql://h/d', REDIS_URL='redis://r').hash_threads)"
+        "print(ApiSettings(DATABASE_URL='postgresql://h/d').hash_threads)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
