@@ -7,6 +7,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 
+from shared.addresses import ascii_address
+
 
 def _no_control_chars(value: str) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -44,6 +46,17 @@ Password = Annotated[
     ),
     AfterValidator(_no_control_chars),
 ]
+
+
+def _ascii_address(value: str) -> str:
+    """Stored as the worker will send it (shared.addresses): refused here, rather than
+    accepted and then never delivered, when the mailbox name is beyond ASCII."""
+    ascii_form = ascii_address(value)
+    if ascii_form is None:
+        raise ValueError("the part before the @ must be ASCII")
+    return ascii_form
+
+
 Email = Annotated[
     EmailStr,
     Field(
@@ -52,8 +65,11 @@ Email = Annotated[
         description=(
             "A deliverable address: stricter than the `email` format, special-use domains"
             " (.test, .invalid, .local, localhost) are refused. Unique regardless of case."
+            " The part before the @ must be ASCII; an internationalized domain is stored in"
+            " its ASCII (IDNA) form."
         ),
     ),
+    AfterValidator(_ascii_address),
 ]
 
 

@@ -144,6 +144,28 @@ async def test_permanent_smtp_rejection_is_permanent(
         await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
 
 
+async def test_an_address_only_smtputf8_could_carry_is_permanent(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    """A row from before the API refused such addresses: no retry could ever send it, so it
+    goes to the dead letters at once instead of failing on every attempt."""
+    await add_user(pool)
+    await pool.execute("UPDATE users SET email = 'jos\u00e9@example.com'")
+    with pytest.raises(PermanentError, match="SMTPUTF8"):
+        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    assert smtp_sink.messages() == []
+
+
+async def test_an_internationalized_domain_is_sent_in_its_ascii_form(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    await pool.execute("UPDATE users SET email = 'alice@b\u00fccher.de'")
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    (msg,) = smtp_sink.messages()
+    assert msg["To"] == "Alice Liddell <alice@xn--bcher-kva.de>"
+
+
 async def test_missing_user_or_payload_is_permanent(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any]
 ) -> None:

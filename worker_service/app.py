@@ -22,6 +22,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import settings as settings_mod
+from shared.addresses import ascii_address
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from shared.errors import PermanentError
 from shared.settings import HttpUrl, SmtpUrl
@@ -138,8 +139,12 @@ async def send_verify_email(ctx: TaskContext) -> None:
             + "/v1/verify_email?"
             + urlencode({"email_id": row["id"], "secret_code": code})
         )
+        # The API stores ASCII addresses; a row from before it did may not be one.
+        to = ascii_address(user["email"])
+        if to is None:
+            raise PermanentError("the address needs SMTPUTF8, which is not supported")
         message = build_message(
-            cfg, to=user["email"], full_name=user["full_name"], link=link, event_id=ctx.event_id
+            cfg, to=to, full_name=user["full_name"], link=link, event_id=ctx.event_id
         )
         await mailer.send(message)
         await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
