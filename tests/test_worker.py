@@ -403,6 +403,35 @@ async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(
     assert await pending_count(redis) == 0
 
 
+async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """XDEL (or a trim) of an entry a dead worker held: taking it over must clear it from
+    the pending list, or it is claimed again forever and trimming stops at it."""
+    await publish(2)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    taken = await q.read("crashed", 2, None)
+    client: Any = redis
+    await client.xdel(STREAM, taken[0].id)
+    s = worker_settings(pg_server, redis_server, visibility_timeout_seconds=0.2)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    await asyncio.sleep(0.3)
+    await worker.run_once()
+    await eventually(lambda: _pending_is(redis, 0), timeout=5)
+    assert [int(i) for i, _ in rec.calls] == [1]  # the deleted one had nothing to run
+
+
+async def _pending_is(redis: aioredis.Redis, n: int) -> bool:
+    return await pending_count(redis) == n
+
+
 async def test_slow_handler_renews_its_claim_and_runs_once(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,

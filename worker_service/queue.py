@@ -164,7 +164,9 @@ class StreamQueue:
         taken: list[Entry] = []
         for (entry_id, _, deliveries), reply in zip(claims, replies, strict=True):
             for item in reply or []:
-                if item is None:  # Redis 6: a deleted entry still in the PEL
+                # A deleted entry still in the PEL: Redis 6 answers nil, which redis-py
+                # hands over as (None, None); Redis 7 leaves it out and drops it itself.
+                if item is None or item[0] is None:
                     taken.append(Entry(entry_id, None, deliveries + 1))
                     continue
                 sid, fields = item
