@@ -60,6 +60,11 @@ class Recorder:
         async def permanent(ctx: TaskContext) -> None:
             raise PermanentError("cannot ever work")
 
+        @self.router.handler("garbled")
+        async def garbled(ctx: TaskContext) -> None:
+            # A 5xx reply that was not UTF-8, as aiosmtplib decodes it (surrogateescape).
+            raise PermanentError(b"550 Bo\xeete pleine\x00".decode("utf-8", "surrogateescape"))
+
         @self.router.handler("slow", timeout=0.2)
         async def slow(ctx: TaskContext) -> None:
             await asyncio.sleep(5)
@@ -306,6 +311,26 @@ async def test_permanent_error_unknown_type_and_garbage_dead_letter_at_once(
     assert await pending_count(redis) == 0
 
 
+async def test_an_error_text_no_store_takes_as_it_is_still_dead_lettered(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    (event_id,) = await publish(1, task="garbled")
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.setup()
+    await worker.run_once()
+    (dead,) = await dead_letters(redis)
+    assert dead["reason"] == "permanent_error"
+    assert dead["error"].startswith("PermanentError: 550 Bo")
+    assert await pending_count(redis) == 0
+    last_error = await pool.fetchval("SELECT last_error FROM outbox WHERE event_id = $1", event_id)
+    assert "550 Bo" in last_error
+
+
 async def test_task_timeout_counts_as_a_failure(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,
@@ -426,10 +451,6 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
     await worker.run_once()
     await eventually(lambda: _pending_is(redis, 0), timeout=5)
     assert [int(i) for i, _ in rec.calls] == [1]  # the deleted one had nothing to run
-
-
-async def _pending_is(redis: aioredis.Redis, n: int) -> bool:
-    return await pending_count(redis) == n
 
 
 async def test_slow_handler_renews_its_claim_and_runs_once(

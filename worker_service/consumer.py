@@ -439,6 +439,7 @@ class Worker:
     ) -> None:
         task_type = envelope.type if envelope else None
         event_id = envelope.event_id if envelope else None
+        error = _storable(error)
 
         async def record() -> None:
             # Postgres first: the reconciler must not publish again an event given up on.
@@ -480,5 +481,14 @@ class Worker:
 
 
 def _describe(e: BaseException) -> str:
-    text = str(e)
+    text = _storable(str(e))
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _storable(text: str) -> str:
+    """Text Postgres, Redis and the JSON logs all take. An error's text can carry what a
+    server sent: aiosmtplib decodes replies with surrogateescape, so a reply that is not
+    UTF-8 becomes lone surrogates, which strict UTF-8 (asyncpg, redis-py, orjson) refuses;
+    and Postgres refuses NUL. Unchanged, the dead letter could never be written and the
+    entry would come back after every visibility timeout."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
