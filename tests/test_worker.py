@@ -453,6 +453,35 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
     assert [int(i) for i, _ in rec.calls] == [1]  # the deleted one had nothing to run
 
 
+async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """A handler that crashes the process never reaches the failure count: each takeover
+    only adds a delivery. Past max_attempts (3 here) deliveries, it is not run again."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    (entry,) = await q.read("died_1", 1, None)
+    client: Any = redis
+    for name in ("died_2", "died_3"):  # two more workers took it over and died
+        await client.xclaim(STREAM, CONSUMER_GROUP, name, 0, [entry.id])
+    s = worker_settings(pg_server, redis_server, visibility_timeout_seconds=0.2)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    await asyncio.sleep(0.3)
+    await worker.run_once()
+    await eventually(lambda: _pending_is(redis, 0), timeout=5)
+    assert rec.calls == []
+    (dead,) = await dead_letters(redis)
+    assert dead["reason"] == "max_attempts"
+    assert dead["attempts"] == "4"
+
+
 async def test_slow_handler_renews_its_claim_and_runs_once(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,

@@ -350,6 +350,19 @@ class Worker:
         )
         timeout = route.timeout or s.task_timeout_seconds
         max_attempts = route.max_attempts or s.max_attempts
+        if entry.deliveries > max_attempts:
+            # More deliveries than attempts with no outcome recorded: the workers running
+            # it died or stalled (a crash, the OOM killer, a blocked loop), which the failure
+            # count below never sees. Running it again would take the next worker down too.
+            await self._dead_letter(
+                entry,
+                envelope,
+                route,
+                "max_attempts",
+                f"delivered {entry.deliveries} times without an outcome: the workers running"
+                " it crashed or stalled",
+            )
+            return
         m = metrics.for_task(route.task_type)
         started = time.perf_counter()
         failure: Exception | None = None
