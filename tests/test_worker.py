@@ -16,7 +16,13 @@ from devstack.postgres import PostgresServer
 from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
 from relay.settings import RelaySettings
-from shared.constants import CONSUMER_GROUP, RETRY_PARKING_CONSUMER, dead_letter_key, stream_key
+from shared.constants import (
+    CONSUMER_GROUP,
+    RETRY_PARKING_CONSUMER,
+    dead_letter_key,
+    dedupe_key,
+    stream_key,
+)
 from shared.errors import PermanentError
 from shared.outbox import enqueue
 from tests.helpers import eventually
@@ -718,6 +724,31 @@ async def test_a_dead_letter_is_replayed_once_even_when_two_replays_race(
     assert sum(r is not None for r in results) == 1
     assert await redis.xlen(STREAM) == before + 1
     assert await redis.xlen(DEAD) == 0
+
+
+async def test_a_replay_keeps_the_dedupe_keys_expiry_and_creates_none(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """The replayed entry's id goes into the event's dedupe key while the relay's key lives,
+    with its expiry; once it has expired, none is made (it would never expire)."""
+    first, second = await publish(2, task="permanent")
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    await worker.setup()
+    await worker.run_once()
+    client: Any = redis
+    dead = {f[b"event_id"].decode(): (i.decode(), f[b"e"]) for i, f in await client.xrange(DEAD)}
+    key = dedupe_key(first, "default")
+    await redis.delete(dedupe_key(second, "default"))  # the relay's key has expired
+    new_id = await worker.queue.replay_dead(dead[first][0], dead[first][1], first)
+    assert await client.get(key) == new_id.encode()
+    assert await redis.ttl(key) > 0
+    await worker.queue.replay_dead(dead[second][0], dead[second][1], second)
+    assert await redis.exists(dedupe_key(second, "default")) == 0
 
 
 async def test_a_shutdown_cancel_is_not_mistaken_for_a_timeout(

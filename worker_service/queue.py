@@ -36,7 +36,7 @@ Fields = dict[bytes, bytes]
 _REPLAY_SCRIPT = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 local id = redis.call('XADD', KEYS[2], '*', ARGV[2], ARGV[3])
-if KEYS[3] then redis.call('SET', KEYS[3], id, 'KEEPTTL') end
+if KEYS[3] then redis.call('SET', KEYS[3], id, 'XX', 'KEEPTTL') end
 return id
 """
 
