@@ -745,6 +745,7 @@ async def test_a_replay_keeps_the_dedupe_keys_expiry_and_creates_none(
     key = dedupe_key(first, "default")
     await redis.delete(dedupe_key(second, "default"))  # the relay's key has expired
     new_id = await worker.queue.replay_dead(dead[first][0], dead[first][1], first)
+    assert new_id is not None
     assert await client.get(key) == new_id.encode()
     assert await redis.ttl(key) > 0
     await worker.queue.replay_dead(dead[second][0], dead[second][1], second)
