@@ -166,6 +166,25 @@ async def test_an_internationalized_domain_is_sent_in_its_ascii_form(
     assert msg["To"] == "Alice Liddell <alice@xn--bcher-kva.de>"
 
 
+async def test_a_fractional_link_lifetime_is_kept(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    state: dict[str, Any],
+    smtp_sink: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """VERIFY_EMAIL_TTL_MINUTES=0.5 is 30 seconds, not 0 (every link expired on arrival)."""
+    monkeypatch.setenv("VERIFY_EMAIL_TTL_MINUTES", "0.5")
+    for hook in verify_app.router.startup_hooks:
+        await hook(state)
+    await add_user(pool)
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    lifetime = await pool.fetchval("SELECT expires_at - created_at FROM verify_emails")
+    assert 29 <= lifetime.total_seconds() <= 31
+    (msg,) = smtp_sink.messages()
+    assert "expires in 0.5 minutes" in text_part(msg)
+
+
 async def test_missing_user_or_payload_is_permanent(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any]
 ) -> None:

@@ -56,7 +56,7 @@ def build_message(
     # Derived from the event: a redelivered send carries the same Message-ID, so mail
     # systems that deduplicate on it show one message.
     msg["Message-ID"] = f"<{event_id}@{sender_domain}>"
-    minutes = int(cfg.verify_ttl_minutes)
+    minutes = f"{cfg.verify_ttl_minutes:g}"
     text = (
         f"Hello {full_name},\n\n"
         f"Please confirm your email address by opening this link:\n\n{link}\n\n"
@@ -106,14 +106,14 @@ async def send_verify_email(ctx: TaskContext) -> None:
         await conn.execute(
             """
             INSERT INTO verify_emails (username, email, secret_code_hash, event_id, expires_at)
-            VALUES ($1, $2, $3, $4, now() + make_interval(mins => $5))
+            VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
             ON CONFLICT (event_id) DO NOTHING
             """,
             username,
             user["email"],
             hash_code(code),
             ctx.event_id,
-            cfg.verify_ttl_minutes,
+            cfg.verify_ttl_minutes * 60,  # mins => would truncate 0.5 minutes to 0
         )
         # Blocks while another delivery of this event holds the row.
         row = await conn.fetchrow(
@@ -127,12 +127,12 @@ async def send_verify_email(ctx: TaskContext) -> None:
         await conn.execute(
             """
             UPDATE verify_emails
-            SET secret_code_hash = $2, expires_at = now() + make_interval(mins => $3)
+            SET secret_code_hash = $2, expires_at = now() + make_interval(secs => $3)
             WHERE id = $1
             """,
             row["id"],
             hash_code(code),
-            cfg.verify_ttl_minutes,
+            cfg.verify_ttl_minutes * 60,
         )
         link = (
             cfg.public_base_url.rstrip("/")
