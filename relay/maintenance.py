@@ -51,7 +51,20 @@ class Maintenance(Loop):
         self.idle_interval = settings.maintenance_interval_seconds
 
     async def run_once(self) -> bool:
-        await refresh_backlog_gauges(self.pool)
-        await self.reconciler.run_once()
-        await purge_completed(self.pool, self.settings.retention_seconds)
+        # Each step runs whatever the others do: with Redis down the reconciler fails, and
+        # the gauges and the retention (Postgres only) must go on.
+        failures: list[Exception] = []
+        for step in (
+            lambda: refresh_backlog_gauges(self.pool),
+            self.reconciler.run_once,
+            lambda: purge_completed(self.pool, self.settings.retention_seconds),
+        ):
+            try:
+                await step()
+            except Exception as e:
+                failures.append(e)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise ExceptionGroup("relay maintenance steps failed", failures)
         return False

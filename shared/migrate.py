@@ -40,7 +40,7 @@ def discover(directory: Path) -> list[tuple[int, Path]]:
     versions = [v for v, _ in found]
     if len(set(versions)) != len(versions):
         raise ConfigError("two migrations share a version number")
-    return found
+    return sorted(found)  # by version: 1000_x.sql comes after 999_y.sql, not before
 
 
 async def migrate(dsn: str, directory: Path | None = None) -> list[int]:

@@ -13,13 +13,15 @@ import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from devstack.postgres import PostgresServer, truncate_tables
+from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.listener import Listener
-from relay.maintenance import refresh_backlog_gauges
+from relay.maintenance import Maintenance, refresh_backlog_gauges
 from relay.publisher import (
     _CLAIM,
     _MARK_PUBLISHED,
@@ -34,10 +36,10 @@ from relay.publisher import (
 from relay.reconciler import Reconciler
 from relay.retention import purge_completed
 from relay.settings import RelaySettings
-from shared.connections import create_pool
+from shared.connections import create_pool, create_redis
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
-from shared.migrate import migrate
+from shared.migrate import discover, migrate
 from shared.outbox import enqueue
 from tests.helpers import eventually
 from worker_service.consumer import _MARK_COMPLETED
@@ -342,6 +344,34 @@ async def test_retention_purges_only_old_completed_rows(pool: asyncpg.Pool[Any])
     await pool.execute("UPDATE outbox SET published_at = now() WHERE id > 25")
     assert await purge_completed(pool, 86_400, batch=7) == 20
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 10
+
+
+async def test_maintenance_purges_and_counts_while_the_reconciler_fails(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer, redis_server: RedisServer
+) -> None:
+    """Redis down: the reconciler's step fails, the Postgres-only steps still run."""
+    await add_events(pool, 3)
+    await pool.execute(
+        "UPDATE outbox SET published_at = now(), completed_at = now() - interval '2 days'"
+        " WHERE id = 1"
+    )
+    await pool.execute("UPDATE outbox SET published_at = now() - interval '1 hour' WHERE id = 2")
+    dead_redis = create_redis(f"redis://127.0.0.1:{free_port()}/0")
+    settings = relay_settings(pg_server, redis_server)
+    reconciler = Reconciler(
+        pool, dead_redis, Publisher(dead_redis, settings.dedupe_ttl_seconds), after_seconds=60
+    )
+    with pytest.raises(RedisConnectionError):
+        await Maintenance(pool, reconciler, settings).run_once()
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 2  # purged anyway
+    assert REGISTRY.get_sample_value("relay_outbox_backlog") == 1  # counted anyway
+    await dead_redis.aclose()
+
+
+def test_migrations_run_in_version_order(tmp_path: Path) -> None:
+    for name in ("1000_later.sql", "999_earlier.sql", "0100_first.sql"):
+        (tmp_path / name).write_text("SELECT 1;")
+    assert [v for v, _ in discover(tmp_path)] == [100, 999, 1000]
 
 
 async def test_backlog_gauges(pool: asyncpg.Pool[Any]) -> None:
