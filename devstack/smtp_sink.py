@@ -29,9 +29,40 @@ class MaildirHandler:
         directory.mkdir(parents=True, exist_ok=True)
         # "" accepts; otherwise the reply to give to DATA, e.g. "451 4.3.0 try later".
         self.fail_with = ""
+        # The same for MAIL FROM and RCPT TO.
+        self.fail_mail_with = ""
+        self.fail_rcpt_with = ""
         self.delay_seconds = 0.0
         self.received = 0
         self._lock = threading.Lock()
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self.fail_mail_with:
+            return self.fail_mail_with
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if self.fail_rcpt_with:
+            return self.fail_rcpt_with
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay_seconds:

@@ -74,6 +74,8 @@ async def clean(pg_server: PostgresServer, redis_server: RedisServer, smtp_sink:
     await r.aclose()
     for f in smtp_sink.directory.glob("*.eml"):
         f.unlink()
+    handler = smtp_sink.handler
+    handler.fail_with = handler.fail_mail_with = handler.fail_rcpt_with = ""
     smtp_sink.handler.fail_with = ""
     smtp_sink.handler.delay_seconds = 0.0
 

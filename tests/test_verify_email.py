@@ -185,6 +185,34 @@ async def test_a_fractional_link_lifetime_is_kept(
     assert "expires in 0.5 minutes" in text_part(msg)
 
 
+@pytest.mark.parametrize(
+    ("stage", "reply", "outcome"),
+    [
+        ("rcpt", "550 5.1.1 No such mailbox", PermanentError),
+        ("data", "554 5.6.0 Message content rejected", PermanentError),
+        # About the server or our configuration, not this message: every email would fail.
+        ("rcpt", "550 5.7.1 Relaying denied", RetryableError),
+        ("mail", "553 5.1.8 Sender address domain does not exist", RetryableError),
+        ("mail", "530 5.7.0 Authentication required", RetryableError),
+        ("data", "554 5.7.1 Rejected by policy", RetryableError),
+    ],
+)
+async def test_only_refusals_of_this_message_are_permanent(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    state: dict[str, Any],
+    smtp_sink: SmtpSink,
+    stage: str,
+    reply: str,
+    outcome: type[Exception],
+) -> None:
+    await add_user(pool)
+    attribute = {"mail": "fail_mail_with", "rcpt": "fail_rcpt_with", "data": "fail_with"}[stage]
+    setattr(smtp_sink.handler, attribute, reply)  # the clean fixture resets it
+    with pytest.raises(outcome, match=reply[:3]):
+        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+
+
 async def test_missing_user_or_payload_is_permanent(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any]
 ) -> None:

@@ -64,20 +64,29 @@ class Mailer:
                 timeout=c.timeout,
                 tls_context=ssl.create_default_context() if (c.use_tls or c.start_tls) else None,
             )
+        # Permanent only when the refusal is about this message: its recipient (RCPT) or
+        # its content (DATA). Refusals of the connection, of HELO, of our sender (MAIL
+        # FROM), of authentication or TLS, and policy refusals (5.7.x: relaying denied,
+        # authentication required) say the server or the configuration is wrong for every
+        # message: those are retried (and alerted on) instead of dead-lettering every
+        # signup's email until an operator replays them all.
         except aiosmtplib.SMTPRecipientsRefused as e:
-            codes = [r.code for r in e.recipients]
-            if codes and all(500 <= code < 600 for code in codes):
+            refused = [(r.code, r.message) for r in e.recipients]
+            codes = [code for code, _ in refused]
+            if refused and all(_about_this_message(code, text) for code, text in refused):
                 raise PermanentError(f"recipient refused: {codes}") from e
-            raise RetryableError(f"recipient deferred: {codes}") from e
-        except aiosmtplib.SMTPResponseException as e:
-            if 500 <= e.code < 600 and e.code != _AUTH_FAILED:
+            raise RetryableError(f"recipient not accepted: {codes}") from e
+        except aiosmtplib.SMTPDataError as e:
+            if _about_this_message(e.code, e.message):
                 raise PermanentError(f"SMTP {e.code}: {e.message[:200]}") from e
+            raise RetryableError(f"SMTP {e.code}: {e.message[:200]}") from e
+        except aiosmtplib.SMTPResponseException as e:
             raise RetryableError(f"SMTP {e.code}: {e.message[:200]}") from e
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             # Connection refused or reset, timeouts, TLS trouble: the server may come back.
             raise RetryableError(f"SMTP unavailable: {type(e).__name__}: {e}") from e
 
 
-# 535 is an authentication failure: a misconfiguration that an operator can fix, so it is
-# retried (and alerted on) rather than dead-lettering every message.
-_AUTH_FAILED = 535
+def _about_this_message(code: int, text: str) -> bool:
+    """A 5xx that is not a security or policy refusal (enhanced status 5.7.x)."""
+    return 500 <= code < 600 and not text.lstrip().startswith("5.7.")
