@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -247,6 +250,34 @@ async def test_notify_wakes_the_relay_without_waiting_for_the_poll(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_listener_whose_server_stops_answering_reconnects(
+    pg_server: PostgresServer,
+) -> None:
+    """A LISTEN connection to a server that went silent (here its backend is SIGSTOPped, as
+    a peer behind a partition) looks open for ever: the ping notices and reconnects."""
+    wakes: list[float] = []
+    listener = Listener(
+        pg_server.dsn, lambda: wakes.append(time.monotonic()), ping_every=0.1, ping_timeout=0.5
+    )
+    listener.idle_interval = 0.05
+    await listener.start()
+    try:
+        await eventually(lambda: _true(listener.connected))
+        conn = listener._conn
+        assert conn is not None
+        backend = conn.get_server_pid()
+        os.kill(backend, signal.SIGSTOP)
+        try:
+            await eventually(lambda: _true(listener._conn is not conn and listener.connected))
+        finally:
+            os.kill(backend, signal.SIGCONT)
+        assert listener._conn is not None
+        assert listener._conn.get_server_pid() != backend
+        assert len(wakes) == 2  # woken again after the reconnect, to catch up
+    finally:
+        await listener.stop()
 
 
 async def test_stop_before_start_is_safe(
