@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections import defaultdict
 from typing import Any, NamedTuple
 
 import asyncpg
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 
 from relay import metrics
 from relay.settings import RelaySettings
@@ -222,6 +229,8 @@ class RelayLoop(Loop):
         return self.wakeups.take_missed() or full
 
     async def _run_batch(self) -> bool:
+        # A ResponseError that refuses every write (see _refuses_every_write) propagates:
+        # the batch rolls back untouched and the loop backs off, as when Redis is down.
         started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
             records = await conn.fetch(_CLAIM, self.settings.batch_size)
@@ -232,9 +241,11 @@ class RelayLoop(Loop):
                 ids = await self.publisher.publish(rows)
                 await conn.execute(_MARK_PUBLISHED, [r.id for r in rows], ids)
                 published = len(rows)
-            except ResponseError:
-                # Redis refused something: find out which rows, publish the rest.
+            except ResponseError as e:
                 metrics.ERRORS.labels("redis_refused").inc()
+                if _refuses_every_write(e):
+                    raise
+                # Redis refused something: find out which rows, publish the rest.
                 published = await self._publish_one_by_one(conn, rows)
         metrics.PUBLISHED.inc(published)
         metrics.BATCH_SIZE.observe(len(rows))
@@ -249,6 +260,8 @@ class RelayLoop(Loop):
             try:
                 (sid,) = await self.publisher.publish([row])
             except ResponseError as e:
+                if _refuses_every_write(e):
+                    raise
                 attempts = await conn.fetchval(
                     "SELECT publish_attempts FROM outbox WHERE id = $1", row.id
                 )
@@ -271,3 +284,18 @@ class RelayLoop(Loop):
         if bad_ids:
             await conn.execute(_MARK_FAILED, bad_ids, bad_errs, bad_delays)
         return len(ok_ids)
+
+
+# Refusals that are about Redis, not about a row: a replica after a failover (READONLY),
+# memory full under noeviction (OOM), an ACL (NOPERM), a failing snapshot (MISCONF), a
+# cluster or replication state. Inside a script Redis 6 reports them as a generic script
+# error carrying "-OOM ...", hence the search in the text too.
+_WHOLE_SERVER = re.compile(
+    r"(?:^|[\s-])(?:READONLY|OOM|NOPERM|MISCONF|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|NOREPLICAS)\b"
+)
+
+
+def _refuses_every_write(e: ResponseError) -> bool:
+    if isinstance(e, ReadOnlyError | OutOfMemoryError | NoPermissionError):
+        return True
+    return _WHOLE_SERVER.search(str(e)) is not None

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from devstack.postgres import PostgresServer, truncate_tables
 from devstack.procs import free_port
@@ -220,6 +220,29 @@ async def test_one_row_redis_refuses_does_not_block_the_rest(
     await pool.execute("UPDATE outbox SET available_at = now()")
     await relay.run_once()
     assert [e.event_id for e in await stream_events(redis, "broken")] == bad
+
+
+async def test_redis_refusing_every_write_backs_off_the_loop_not_each_row(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """Memory full under noeviction (as READONLY after a failover, an ACL, MISCONF): no row
+    is at fault, so none is marked failed or pushed back by its own backoff; the batch
+    rolls back and the loop's error backoff takes over, and all go once Redis takes them."""
+    ids = await add_events(pool, 5)
+    relay = RelayLoop(pool, redis, settings)
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(ResponseError):
+            await relay.run_once()
+    finally:
+        await redis.config_set("maxmemory", "0")
+    rows = await pool.fetch("SELECT publish_attempts, published_at, last_error FROM outbox")
+    assert [(r["publish_attempts"], r["published_at"], r["last_error"]) for r in rows] == [
+        (0, None, None)
+    ] * 5
+    await relay.run_once()
+    assert [e.event_id for e in await stream_events(redis)] == ids
 
 
 async def test_notify_wakes_the_relay_without_waiting_for_the_poll(
