@@ -488,6 +488,45 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     assert dead["attempts"] == "4"
 
 
+async def test_parked_retries_that_are_not_due_do_not_hide_a_dead_workers_entries(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """Entries parked for a long backoff sit at the start of the pending list, idle longer
+    than the visibility timeout: a scan of one page from the start saw only them, and the
+    dead worker's entry behind them waited for as long as their backoffs."""
+    await publish(6)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("earlier", 6, None)
+    await q.park_for_retry(await _pending_ids(redis))  # each to wait 100 s or more
+    await publish(1, start=100)
+    (orphan,) = await q.read("crashed", 1, None)
+    s = worker_settings(
+        pg_server,
+        redis_server,
+        concurrency=2,
+        visibility_timeout_seconds=0.2,
+        retry_backoff_base_seconds=100,
+        retry_backoff_max_seconds=300,
+    )
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    await asyncio.sleep(0.3)
+    taken = await worker.reclaim_once()
+    assert [e.id for e in taken] == [orphan.id]
+
+
+async def _pending_ids(redis: aioredis.Redis) -> list[str]:
+    client: Any = redis
+    rows = await client.xpending_range(STREAM, CONSUMER_GROUP, min="-", max="+", count=100)
+    return [r["message_id"].decode() for r in rows]
+
+
 async def test_slow_handler_renews_its_claim_and_runs_once(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +32,7 @@ from shared.errors import EnvelopeError, PermanentError
 from shared.lifecycle import LOOP_ERRORS, backoff_delay
 from shared.logs import request_id_var
 from worker_service import metrics
-from worker_service.queue import Entry, StreamQueue, retry_delay
+from worker_service.queue import Entry, PendingInfo, StreamQueue, retry_delay
 from worker_service.router import Route, Router, TaskContext
 from worker_service.settings import WorkerSettings
 
@@ -48,6 +48,8 @@ WHERE event_id = $1::uuid AND completed_at IS NULL
 """
 
 
+# Pages of the pending list one reclaim pass reads at most, per scan.
+RECLAIM_SCAN_PAGES = 10
 ACK_LINGER_SECONDS = 0.002
 ACK_BATCH = 256
 TIMEOUT_SWEEP_SECONDS = 0.1
@@ -267,31 +269,55 @@ class Worker:
         vt_ms = int(s.visibility_timeout_seconds * 1000)
         base_ms = int(s.retry_backoff_base_seconds * 500)  # the smallest jittered backoff
         claims: list[tuple[str, int, int]] = []
-        for p in await self.queue.pending(
-            min_idle_ms=base_ms, count=budget * 4, consumer=RETRY_PARKING_CONSUMER
-        ):
-            due_ms = int(
-                1000
-                * retry_delay(
-                    p.id, p.deliveries, s.retry_backoff_base_seconds, s.retry_backoff_max_seconds
+        # Both scans page through the pending list (RECLAIM_SCAN_PAGES at most per pass):
+        # one page from its start would let entries that are not due (long backoffs) hide
+        # the due ones, or a dead worker's entries, behind them for as long as they wait.
+        parked = self._pending_pages(base_ms, budget * 4, RETRY_PARKING_CONSUMER)
+        async with contextlib.aclosing(parked):
+            async for p in parked:
+                due_ms = int(
+                    1000
+                    * retry_delay(
+                        p.id,
+                        p.deliveries,
+                        s.retry_backoff_base_seconds,
+                        s.retry_backoff_max_seconds,
+                    )
                 )
-            )
-            if p.idle_ms >= due_ms:
-                claims.append((p.id, due_ms, p.deliveries))
-            if len(claims) >= budget:
-                break
+                if p.idle_ms >= due_ms:
+                    claims.append((p.id, due_ms, p.deliveries))
+                    if len(claims) >= budget:
+                        break
         if len(claims) < budget:
             # Held by a worker that went silent -- or by this one, when its bookkeeping
             # failed or a claim renewal raced with parking: whatever this worker is not
             # running or acknowledging, it has abandoned.
             held = set(self._inflight) | {sid for sid, _ in self._acks}
-            for p in await self.queue.pending(min_idle_ms=vt_ms, count=budget + len(held)):
-                if p.consumer != RETRY_PARKING_CONSUMER and p.id not in held:
-                    claims.append((p.id, vt_ms, p.deliveries))
+            silent = self._pending_pages(vt_ms, budget + len(held) + 16, None)
+            async with contextlib.aclosing(silent):
+                async for p in silent:
+                    if p.consumer != RETRY_PARKING_CONSUMER and p.id not in held:
+                        claims.append((p.id, vt_ms, p.deliveries))
+                        if len(claims) >= budget:
+                            break
         entries = await self.queue.claim(self.consumer, claims[:budget])
         if entries:
             logger.info("worker_reclaimed", extra={"count": len(entries)})
         return entries
+
+    async def _pending_pages(
+        self, min_idle_ms: int, page: int, consumer: str | None
+    ) -> AsyncGenerator[PendingInfo, None]:
+        start = "-"
+        for _ in range(RECLAIM_SCAN_PAGES):
+            rows = await self.queue.pending(
+                min_idle_ms=min_idle_ms, count=page, consumer=consumer, start=start
+            )
+            for p in rows:
+                yield p
+            if len(rows) < page:
+                return
+            start = "(" + rows[-1].id  # exclusive: after the last one seen
 
     # -- running entries ---------------------------------------------------------------
 
