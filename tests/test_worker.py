@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from devstack.postgres import PostgresServer
 from devstack.redis import RedisServer
@@ -581,6 +582,81 @@ async def test_restarted_consumer_reads_its_own_pending_first(
         await worker.stop()
     assert sorted(int(i) for i, _ in rec.calls) == [0, 1, 2, 3]
     assert all(a == 2 for _, a in rec.calls)
+
+
+async def test_a_restart_takes_no_more_of_its_own_pending_than_may_run_at_once(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    await publish(6)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("w1", 6, None)  # w1 took them, then its container restarted
+    rec.sleep = 0.2
+    s = worker_settings(pg_server, redis_server, concurrency=2, visibility_timeout_seconds=0.3)
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.start()
+    try:
+        await eventually(lambda: _pending_is(redis, 0), timeout=10)
+    finally:
+        await worker.stop()
+    assert rec.max_running == 2
+    assert sorted(int(i) for i, _ in rec.calls) == list(range(6))
+
+
+async def test_renewing_never_takes_back_an_entry_another_worker_took_over(
+    redis: aioredis.Redis, publish: Any
+) -> None:
+    """A worker stalled past the visibility timeout, another took its entry over: the
+    stalled one's next heartbeat must leave it there, or both would run it."""
+    await publish(2)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    mine, taken_over = await q.read("stalled", 2, None)
+    client: Any = redis
+    await client.xclaim(STREAM, CONSUMER_GROUP, "other", 0, [taken_over.id])
+    assert await q.renew("stalled", [mine.id, taken_over.id]) == 1
+    owners = {
+        r["message_id"].decode(): r["consumer"].decode()
+        for r in await client.xpending_range(STREAM, CONSUMER_GROUP, min="-", max="+", count=10)
+    }
+    assert owners == {mine.id: "stalled", taken_over.id: "other"}
+
+
+@pytest.mark.expect_loop_failures
+async def test_a_failed_final_acknowledgement_does_not_cut_the_stop_short(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis failing the last XACK of a stop: the entries stay pending (taken over later,
+    their handlers are idempotent), and the app's shutdown hooks still run."""
+    shut: list[bool] = []
+
+    @rec.router.on_shutdown
+    async def closed(_state: dict[str, Any]) -> None:
+        shut.append(True)
+
+    await publish(2)
+    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+
+    async def refused(_ids: list[str]) -> None:
+        raise RedisConnectionError("Redis went away")
+
+    monkeypatch.setattr(worker.queue, "ack", refused)
+    await worker.start()
+    await eventually(lambda: _is(len(rec.calls) == 2))
+    await worker.stop(grace=2)  # the acks of both are still owed: the last flush fails
+    assert shut == [True]
+    assert await pending_count(redis) == 2
 
 
 async def test_stop_finishes_in_flight_within_grace_and_hands_back_the_rest(

@@ -106,8 +106,12 @@ class Worker:
         self._started = True
         self._stopping.clear()
         await self.setup()
-        # Entries this consumer name held before a restart come first.
-        await self._take(await self.queue.read_own_pending(self.consumer, self.settings.read_count))
+        # Entries this consumer name held before a restart come first, no more than may run
+        # at once (the reclaim scan takes the rest as capacity frees).
+        s = self.settings
+        await self._take(
+            await self.queue.read_own_pending(self.consumer, min(s.read_count, s.concurrency))
+        )
         # Fetching and reclaiming end when the worker stops taking work; acks and claim
         # renewals go on until the work in flight is over.
         steps = {
@@ -161,7 +165,12 @@ class Worker:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        await asyncio.shield(self._flush_acks())
+        try:
+            await asyncio.shield(self._flush_acks())
+        except Exception:
+            # Their work is done; the entries stay pending and are taken over after the
+            # visibility timeout (the handlers are idempotent). The rest of the stop goes on.
+            logger.exception("worker_final_ack_failed", extra={"entries": len(self._acks)})
         if stuck:
             # Others may take these at once instead of after the visibility timeout.
             with contextlib.suppress(Exception):

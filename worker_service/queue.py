@@ -40,6 +40,20 @@ if KEYS[3] then redis.call('SET', KEYS[3], id, 'XX', 'KEEPTTL') end
 return id
 """
 
+# KEYS: stream. ARGV: group, consumer, ids. XCLAIM ... JUSTID of each id the consumer still
+# holds, checked in the same script so that no takeover slips in between.
+_RENEW_SCRIPT = """
+local renewed = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -173,10 +187,15 @@ class StreamQueue:
                 taken.append(Entry(_sid(sid), fields or None, deliveries + 1))
         return taken
 
-    async def renew(self, consumer: str, ids: list[str]) -> None:
-        """Reset the idle time of entries this consumer holds (no delivery is counted)."""
-        if ids:
-            await self.redis.xclaim(self.stream, self.group, consumer, 0, ids, justid=True)
+    async def renew(self, consumer: str, ids: list[str]) -> int:
+        """Reset the idle time of those of `ids` this consumer still holds (no delivery is
+        counted); how many. An entry another worker took over (this one stalled past the
+        visibility timeout) or that was parked for a retry is left where it is: a plain
+        XCLAIM would take it back, and two workers would run it."""
+        if not ids:
+            return 0
+        renewed = await self.redis.eval(_RENEW_SCRIPT, 1, self.stream, self.group, consumer, *ids)
+        return int(renewed)
 
     async def park_for_retry(self, ids: list[str], *, due_now: bool = False) -> None:
         """Hand entries to the parking consumer to wait out their backoff.
