@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -133,6 +134,18 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+async def stop_within(services: Sequence[Service], grace: float) -> None:
+    """Stop the services in order, all of them within one `grace`: each gets what the ones
+    before it left. Each its own full grace would add up past the orchestrator's stop
+    period (compose's is 15 s against 10 s of grace), and the process would be SIGKILLed."""
+    deadline = time.monotonic() + grace
+    for svc in services:
+        try:
+            await svc.stop(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            logger.exception("service_stop_failed", extra={"component": svc.name})
+
+
 async def run_until_signalled(
     services: Sequence[Service],
     grace: float,
@@ -150,11 +163,7 @@ async def run_until_signalled(
         await stop.wait()
         logger.info("service_stopping", extra={"grace": grace})
     finally:
-        for svc in reversed(started):
-            try:
-                await svc.stop(grace)
-            except Exception:
-                logger.exception("service_stop_failed", extra={"component": svc.name})
+        await stop_within(list(reversed(started)), grace)
         if cleanup is not None:
             await cleanup()
     logger.info("service_stopped")

@@ -22,6 +22,7 @@ from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
 from devstack.stack import Stack
 from shared.constants import CONSUMER_GROUP, stream_key
+from shared.lifecycle import stop_within
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.fault
@@ -267,3 +268,26 @@ async def test_rolling_restart_loses_and_duplicates_nothing(
     assert await sending == SIGNUPS
     result = await settle(pg_server, redis_server, smtp_sink)
     assert result.duplicated == 0
+
+
+async def test_services_stop_within_one_grace_not_one_each() -> None:
+    """Three services that each use all the grace they are given: stopped within one grace
+    together, the later ones get what the earlier left (each its own 10 s would add up past
+    compose's 15 s stop period, and the process would be SIGKILLed mid-stop)."""
+    given: list[float] = []
+
+    class Slow:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self, grace: float = 10.0) -> None:
+            given.append(grace)
+            await asyncio.sleep(min(grace, 0.3))
+
+    await stop_within([Slow("a"), Slow("b"), Slow("c")], 0.5)
+    assert given[0] == pytest.approx(0.5, abs=0.05)
+    assert given[1] <= 0.25  # what a's 0.3 s left of 0.5
+    assert given[2] <= 0.01  # nothing left: stopped at once
