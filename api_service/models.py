@@ -48,13 +48,14 @@ Password = Annotated[
 ]
 
 
-def _ascii_address(value: str) -> str:
-    """Stored as the worker will send it (shared.addresses): refused here, rather than
-    accepted and then never delivered, when the mailbox name is beyond ASCII."""
-    ascii_form = ascii_address(value)
-    if ascii_form is None:
+def _sendable(value: str) -> str:
+    """Refused here, rather than accepted and then never delivered, when the mailbox name is
+    beyond ASCII (only SMTPUTF8 could carry it). An internationalized domain is kept as
+    EmailStr normalises it (Unicode, whichever form was typed: one mailbox, one row); the
+    worker sends it in its ASCII form (shared.addresses)."""
+    if ascii_address(value) is None:
         raise ValueError("the part before the @ must be ASCII")
-    return ascii_form
+    return value
 
 
 Email = Annotated[
@@ -65,11 +66,11 @@ Email = Annotated[
         description=(
             "A deliverable address: stricter than the `email` format, special-use domains"
             " (.test, .invalid, .local, localhost) are refused. Unique regardless of case."
-            " The part before the @ must be ASCII; an internationalized domain is stored in"
-            " its ASCII (IDNA) form."
+            " The part before the @ must be ASCII; an internationalized domain is accepted"
+            " in either form and stored in Unicode."
         ),
     ),
-    AfterValidator(_ascii_address),
+    AfterValidator(_sendable),
 ]
 
 
