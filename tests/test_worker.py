@@ -27,6 +27,7 @@ from shared.constants import (
 from shared.errors import PermanentError
 from shared.outbox import enqueue
 from tests.helpers import eventually
+from worker_service import consumer as consumer_mod
 from worker_service.consumer import Worker
 from worker_service.maintenance import refresh_gauges, remove_gone_consumers
 from worker_service.queue import StreamQueue
@@ -520,6 +521,40 @@ async def test_parked_retries_that_are_not_due_do_not_hide_a_dead_workers_entrie
     await asyncio.sleep(0.3)
     taken = await worker.reclaim_once()
     assert [e.id for e in taken] == [orphan.id]
+
+
+async def test_reclaim_passes_go_round_a_pending_list_longer_than_one_pass(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More parked entries than one pass reads (one page of 17 here, as thousands during an
+    SMTP outage against ten pages): the next pass goes on where the last stopped."""
+    monkeypatch.setattr(consumer_mod, "RECLAIM_SCAN_PAGES", 1)
+    await publish(20)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("earlier", 20, None)
+    await q.park_for_retry(await _pending_ids(redis))
+    await publish(1, start=100)
+    (orphan,) = await q.read("crashed", 1, None)
+    s = worker_settings(
+        pg_server,
+        redis_server,
+        concurrency=1,
+        visibility_timeout_seconds=0.2,
+        retry_backoff_base_seconds=100,
+        retry_backoff_max_seconds=300,
+    )
+    worker = Worker(rec.router, pool, redis, s)
+    await worker.setup()
+    await asyncio.sleep(0.3)
+    assert await worker.reclaim_once() == []  # one page of parked entries, none due
+    assert [e.id for e in await worker.reclaim_once()] == [orphan.id]
 
 
 async def _pending_ids(redis: aioredis.Redis) -> list[str]:

@@ -77,6 +77,8 @@ class Worker:
         self.queue = StreamQueue(redis, settings.queue)
         self.state: dict[str, Any] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        # Per reclaim scan, where its next pass goes on in the pending list ("-": the start).
+        self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
         self._timed_out: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -281,7 +283,7 @@ class Worker:
         # Both scans page through the pending list (RECLAIM_SCAN_PAGES at most per pass):
         # one page from its start would let entries that are not due (long backoffs) hide
         # the due ones, or a dead worker's entries, behind them for as long as they wait.
-        parked = self._pending_pages(base_ms, budget * 4, RETRY_PARKING_CONSUMER)
+        parked = self._pending_pages("parked", base_ms, budget * 4, RETRY_PARKING_CONSUMER)
         async with contextlib.aclosing(parked):
             async for p in parked:
                 due_ms = int(
@@ -302,7 +304,7 @@ class Worker:
             # failed or a claim renewal raced with parking: whatever this worker is not
             # running or acknowledging, it has abandoned.
             held = set(self._inflight) | {sid for sid, _ in self._acks}
-            silent = self._pending_pages(vt_ms, budget + len(held) + 16, None)
+            silent = self._pending_pages("silent", vt_ms, budget + len(held) + 16, None)
             async with contextlib.aclosing(silent):
                 async for p in silent:
                     if p.consumer != RETRY_PARKING_CONSUMER and p.id not in held:
@@ -315,18 +317,24 @@ class Worker:
         return entries
 
     async def _pending_pages(
-        self, min_idle_ms: int, page: int, consumer: str | None
+        self, scan: str, min_idle_ms: int, page: int, consumer: str | None
     ) -> AsyncGenerator[PendingInfo, None]:
-        start = "-"
+        """The pending list a page at a time, from where this scan's last pass stopped, so
+        that passes go round the whole list however long it is; back to the start at its
+        end."""
         for _ in range(RECLAIM_SCAN_PAGES):
             rows = await self.queue.pending(
-                min_idle_ms=min_idle_ms, count=page, consumer=consumer, start=start
+                min_idle_ms=min_idle_ms,
+                count=page,
+                consumer=consumer,
+                start=self._scan_from.get(scan, "-"),
             )
             for p in rows:
+                self._scan_from[scan] = "(" + p.id  # exclusive: after the last one seen
                 yield p
             if len(rows) < page:
+                self._scan_from[scan] = "-"
                 return
-            start = "(" + rows[-1].id  # exclusive: after the last one seen
 
     # -- running entries ---------------------------------------------------------------
 
