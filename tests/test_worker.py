@@ -716,11 +716,14 @@ async def test_stop_finishes_in_flight_within_grace_and_hands_back_the_rest(
         STREAM, CONSUMER_GROUP, "-", "+", 10, consumername=RETRY_PARKING_CONSUMER
     )
     assert len(parked) == 2  # handed back, not left to time out
+    # The deliveries the stop cut short do not count as attempts.
+    assert [p["times_delivered"] for p in parked] == [0, 0]
     rec.sleep = 0
     b = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, consumer_name="b"))
     await b.setup()
     assert await b.run_once() == 2  # taken at once, no visibility timeout to wait
     assert await pending_count(redis) == 0
+    assert [attempt for _, attempt in rec.calls[2:]] == [1, 1]
 
 
 async def test_stop_waits_for_handlers_that_finish_in_time(

@@ -77,6 +77,7 @@ class Worker:
         self.queue = StreamQueue(redis, settings.queue)
         self.state: dict[str, Any] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._deliveries: dict[str, int] = {}  # of the entries in flight
         # Per reclaim scan, where its next pass goes on in the pending list ("-": the start).
         self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
@@ -149,11 +150,14 @@ class Worker:
             t.cancel()
         await asyncio.gather(*takers, return_exceptions=True)
         stuck: list[str] = []
+        uncounted: dict[str, int] = {}
         if self._inflight:
             # Claims are still renewed meanwhile: the heartbeat runs until _closing.
             _done, pending = await asyncio.wait(list(self._inflight.values()), timeout=grace)
             if pending:
                 stuck = [eid for eid, t in self._inflight.items() if t in pending]
+                # A delivery a shutdown cut short is no attempt: handed back uncounted.
+                uncounted = {eid: self._deliveries.get(eid, 1) - 1 for eid in stuck}
                 logger.warning("worker_handlers_cancelled", extra={"entries": stuck})
                 for t in pending:
                     t.cancel()
@@ -176,7 +180,7 @@ class Worker:
         if stuck:
             # Others may take these at once instead of after the visibility timeout.
             with contextlib.suppress(Exception):
-                await self.queue.park_for_retry(stuck, due_now=True)
+                await self.queue.park_for_retry(stuck, due_now=True, deliveries=uncounted)
         await self._shutdown_app()
         logger.info("worker_stopped", extra={"consumer": self.consumer})
 
@@ -344,12 +348,14 @@ class Worker:
                 continue
             task = asyncio.create_task(self._guarded(entry))
             self._inflight[entry.id] = task
+            self._deliveries[entry.id] = entry.deliveries
             task.add_done_callback(functools.partial(self._done, entry.id))
         metrics.IN_FLIGHT.set(len(self._inflight))
 
     def _done(self, entry_id: str, _task: asyncio.Task[None]) -> None:
         # The in-flight gauge is set per batch (in _take), not per entry.
         self._inflight.pop(entry_id, None)
+        self._deliveries.pop(entry_id, None)
         self._slot_free.set()
 
     async def _guarded(self, entry: Entry) -> None:

@@ -197,18 +197,39 @@ class StreamQueue:
         renewed = await self.redis.eval(_RENEW_SCRIPT, 1, self.stream, self.group, consumer, *ids)
         return int(renewed)
 
-    async def park_for_retry(self, ids: list[str], *, due_now: bool = False) -> None:
+    async def park_for_retry(
+        self, ids: list[str], *, due_now: bool = False, deliveries: dict[str, int] | None = None
+    ) -> None:
         """Hand entries to the parking consumer to wait out their backoff.
 
         due_now: make them look idle for a long time, so they are taken again at once (a
-        worker that stops hands back what it had not finished).
+        worker that stops hands back what it had not finished). deliveries: set these
+        entries' delivery counts (a shutdown takes back the delivery it cut short).
         """
         if not ids:
             return
         idle = 10**12 if due_now else 0
-        await self.redis.xclaim(
-            self.stream, self.group, RETRY_PARKING_CONSUMER, 0, ids, idle=idle, justid=True
-        )
+        if not deliveries:
+            await self.redis.xclaim(
+                self.stream, self.group, RETRY_PARKING_CONSUMER, 0, ids, idle=idle, justid=True
+            )
+            return
+        by_count: dict[int, list[str]] = {}
+        for entry_id in ids:
+            by_count.setdefault(max(0, deliveries.get(entry_id, 0)), []).append(entry_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for count, same in by_count.items():
+                pipe.xclaim(
+                    self.stream,
+                    self.group,
+                    RETRY_PARKING_CONSUMER,
+                    0,
+                    same,
+                    idle=idle,
+                    retrycount=count,
+                    justid=True,
+                )
+            await pipe.execute()
 
     async def ack(self, ids: list[str]) -> None:
         if ids:
