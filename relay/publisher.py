@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import (
-    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -287,15 +286,16 @@ class RelayLoop(Loop):
 
 
 # Refusals that are about Redis, not about a row: a replica after a failover (READONLY),
-# memory full under noeviction (OOM), an ACL (NOPERM), a failing snapshot (MISCONF), a
-# cluster or replication state. Inside a script Redis 6 reports them as a generic script
-# error carrying "-OOM ...", hence the search in the text too.
+# memory full under noeviction (OOM), a failing snapshot (MISCONF), a script running too
+# long (BUSY), a cluster or replication state. Inside a script Redis 6 reports them as a
+# generic script error carrying "-OOM ...", hence the search in the text too. Not NOPERM:
+# an ACL may refuse one queue's keys only, and the rows of the other queues must go on.
 _WHOLE_SERVER = re.compile(
-    r"(?:^|[\s-])(?:READONLY|OOM|NOPERM|MISCONF|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|NOREPLICAS)\b"
+    r"(?:^|[\s-])(?:READONLY|OOM|MISCONF|BUSY|MASTERDOWN|CLUSTERDOWN|NOREPLICAS)\b"
 )
 
 
 def _refuses_every_write(e: ResponseError) -> bool:
-    if isinstance(e, ReadOnlyError | OutOfMemoryError | NoPermissionError):
+    if isinstance(e, ReadOnlyError | OutOfMemoryError):
         return True
     return _WHOLE_SERVER.search(str(e)) is not None

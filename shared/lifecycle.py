@@ -134,14 +134,18 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+STOP_FLOOR_SECONDS = 0.5
+
+
 async def stop_within(services: Sequence[Service], grace: float) -> None:
     """Stop the services in order, all of them within one `grace`: each gets what the ones
-    before it left. Each its own full grace would add up past the orchestrator's stop
-    period (compose's is 15 s against 10 s of grace), and the process would be SIGKILLed."""
+    before it left, and at least STOP_FLOOR_SECONDS to close its connections. Each its own
+    full grace would add up past the orchestrator's stop period (compose's is 15 s against
+    10 s of grace), and the process would be SIGKILLed."""
     deadline = time.monotonic() + grace
     for svc in services:
         try:
-            await svc.stop(max(0.0, deadline - time.monotonic()))
+            await svc.stop(max(STOP_FLOOR_SECONDS, deadline - time.monotonic()))
         except Exception:
             logger.exception("service_stop_failed", extra={"component": svc.name})
 

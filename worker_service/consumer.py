@@ -135,17 +135,24 @@ class Worker:
         return self._started and all(not t.done() for t in self._tasks)
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop reading, let handlers finish within grace, hand the rest back, flush acks."""
+        """Stop reading, let handlers finish within grace, hand the rest back, flush acks.
+
+        All of it within `grace` (and a second or so of bookkeeping): the read in progress,
+        the handlers and the last acknowledgements share one deadline.
+        """
         if not self._started:
             await self._shutdown_app()
             return
+        deadline = time.monotonic() + grace
         self._started = False
         self._stopping.set()
         self._slot_free.set()
         loops, self._tasks = self._tasks, []
         # A read in progress returns within block_ms; what it brings is run like the rest.
         takers = loops[:2]
-        _done, late = await asyncio.wait(takers, timeout=self.settings.block_ms / 1000 + 1)
+        _done, late = await asyncio.wait(
+            takers, timeout=min(self.settings.block_ms / 1000 + 1, max(0.1, grace))
+        )
         for t in late:
             t.cancel()
         await asyncio.gather(*takers, return_exceptions=True)
@@ -153,7 +160,9 @@ class Worker:
         uncounted: dict[str, int] = {}
         if self._inflight:
             # Claims are still renewed meanwhile: the heartbeat runs until _closing.
-            _done, pending = await asyncio.wait(list(self._inflight.values()), timeout=grace)
+            _done, pending = await asyncio.wait(
+                list(self._inflight.values()), timeout=max(0.0, deadline - time.monotonic())
+            )
             if pending:
                 stuck = [eid for eid, t in self._inflight.items() if t in pending]
                 # A delivery a shutdown cut short is no attempt: handed back uncounted.
@@ -164,7 +173,9 @@ class Worker:
                 await asyncio.gather(*pending, return_exceptions=True)
         self._closing.set()
         self._ack_ready.set()
-        _done, still = await asyncio.wait(loops[2:], timeout=5)
+        _done, still = await asyncio.wait(
+            loops[2:], timeout=min(5.0, max(1.0, deadline - time.monotonic()))
+        )
         for t in still:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

@@ -40,6 +40,7 @@ if KEYS[3] then redis.call('SET', KEYS[3], id, 'XX', 'KEEPTTL') end
 return id
 """
 
+RENEW_CHUNK = 500  # ids per renewal script: a few ms of Redis each
 # KEYS: stream. ARGV: group, consumer, ids. XCLAIM ... JUSTID of each id the consumer still
 # holds, checked in the same script so that no takeover slips in between.
 _RENEW_SCRIPT = """
@@ -192,10 +193,13 @@ class StreamQueue:
         counted); how many. An entry another worker took over (this one stalled past the
         visibility timeout) or that was parked for a retry is left where it is: a plain
         XCLAIM would take it back, and two workers would run it."""
-        if not ids:
-            return 0
-        renewed = await self.redis.eval(_RENEW_SCRIPT, 1, self.stream, self.group, consumer, *ids)
-        return int(renewed)
+        renewed = 0
+        for i in range(0, len(ids), RENEW_CHUNK):  # a script blocks Redis while it runs
+            chunk = ids[i : i + RENEW_CHUNK]
+            renewed += int(
+                await self.redis.eval(_RENEW_SCRIPT, 1, self.stream, self.group, consumer, *chunk)
+            )
+        return renewed
 
     async def park_for_retry(
         self, ids: list[str], *, due_now: bool = False, deliveries: dict[str, int] | None = None
