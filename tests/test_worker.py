@@ -30,7 +30,7 @@ from tests.helpers import eventually
 from worker_service import consumer as consumer_mod
 from worker_service.consumer import Worker
 from worker_service.maintenance import refresh_gauges, remove_gone_consumers
-from worker_service.queue import StreamQueue
+from worker_service.queue import Entry, StreamQueue
 from worker_service.router import Router, TaskContext
 from worker_service.settings import WorkerSettings
 
@@ -501,24 +501,8 @@ async def test_parked_retries_that_are_not_due_do_not_hide_a_dead_workers_entrie
     """Entries parked for a long backoff sit at the start of the pending list, idle longer
     than the visibility timeout: a scan of one page from the start saw only them, and the
     dead worker's entry behind them waited for as long as their backoffs."""
-    await publish(6)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("earlier", 6, None)
-    await q.park_for_retry(await _pending_ids(redis))  # each to wait 100 s or more
-    await publish(1, start=100)
-    (orphan,) = await q.read("crashed", 1, None)
-    s = worker_settings(
-        pg_server,
-        redis_server,
-        concurrency=2,
-        visibility_timeout_seconds=0.2,
-        retry_backoff_base_seconds=100,
-        retry_backoff_max_seconds=300,
-    )
-    worker = Worker(rec.router, pool, redis, s)
-    await worker.setup()
-    await asyncio.sleep(0.3)
+    orphan = await park_then_orphan(redis, publish, 6)
+    worker = await long_backoff_worker(rec, pool, redis, pg_server, redis_server, concurrency=2)
     taken = await worker.reclaim_once()
     assert [e.id for e in taken] == [orphan.id]
 
@@ -535,17 +519,39 @@ async def test_reclaim_passes_go_round_a_pending_list_longer_than_one_pass(
     """More parked entries than one pass reads (one page of 17 here, as thousands during an
     SMTP outage against ten pages): the next pass goes on where the last stopped."""
     monkeypatch.setattr(consumer_mod, "RECLAIM_SCAN_PAGES", 1)
-    await publish(20)
+    orphan = await park_then_orphan(redis, publish, 20)
+    worker = await long_backoff_worker(rec, pool, redis, pg_server, redis_server, concurrency=1)
+    assert await worker.reclaim_once() == []  # one page of parked entries, none due
+    assert [e.id for e in await worker.reclaim_once()] == [orphan.id]
+
+
+async def park_then_orphan(redis: aioredis.Redis, publish: Any, parked: int) -> Entry:
+    """`parked` entries parked for retry (taken, then failed), then one held by a worker
+    that died; that one is returned."""
+    await publish(parked)
     q = StreamQueue(redis, "default")
     await q.ensure_group()
-    await q.read("earlier", 20, None)
+    await q.read("earlier", parked, None)
     await q.park_for_retry(await _pending_ids(redis))
     await publish(1, start=100)
     (orphan,) = await q.read("crashed", 1, None)
+    return orphan
+
+
+async def long_backoff_worker(
+    rec: Recorder,
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg: PostgresServer,
+    rs: RedisServer,
+    concurrency: int,
+) -> Worker:
+    """A worker whose parked retries wait 100 s or more and whose visibility timeout, 0.2 s,
+    has passed for every entry taken before it."""
     s = worker_settings(
-        pg_server,
-        redis_server,
-        concurrency=1,
+        pg,
+        rs,
+        concurrency=concurrency,
         visibility_timeout_seconds=0.2,
         retry_backoff_base_seconds=100,
         retry_backoff_max_seconds=300,
@@ -553,8 +559,7 @@ async def test_reclaim_passes_go_round_a_pending_list_longer_than_one_pass(
     worker = Worker(rec.router, pool, redis, s)
     await worker.setup()
     await asyncio.sleep(0.3)
-    assert await worker.reclaim_once() == []  # one page of parked entries, none due
-    assert [e.id for e in await worker.reclaim_once()] == [orphan.id]
+    return worker
 
 
 async def _pending_ids(redis: aioredis.Redis) -> list[str]:
