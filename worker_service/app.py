@@ -103,6 +103,7 @@ async def send_verify_email(ctx: TaskContext) -> None:
         if user is None:
             raise PermanentError("user does not exist")
         code = new_code()
+        ttl_seconds = cfg.verify_ttl_minutes * 60  # make_interval(mins =>) takes whole minutes
         await conn.execute(
             """
             INSERT INTO verify_emails (username, email, secret_code_hash, event_id, expires_at)
@@ -113,7 +114,7 @@ async def send_verify_email(ctx: TaskContext) -> None:
             user["email"],
             hash_code(code),
             ctx.event_id,
-            cfg.verify_ttl_minutes * 60,  # mins => would truncate 0.5 minutes to 0
+            ttl_seconds,
         )
         # Blocks while another delivery of this event holds the row.
         row = await conn.fetchrow(
@@ -132,14 +133,16 @@ async def send_verify_email(ctx: TaskContext) -> None:
             """,
             row["id"],
             hash_code(code),
-            cfg.verify_ttl_minutes * 60,
+            ttl_seconds,
         )
         link = (
             cfg.public_base_url.rstrip("/")
             + "/v1/verify_email?"
             + urlencode({"email_id": row["id"], "secret_code": code})
         )
-        # The API stores ASCII addresses; a row from before it did may not be one.
+        # SMTP without SMTPUTF8 takes ASCII only: an internationalized domain (kept in
+        # Unicode) goes in its IDNA form; a mailbox name beyond ASCII, which the API refuses
+        # now but a row from before may hold, cannot be sent at all.
         to = ascii_address(user["email"])
         if to is None:
             raise PermanentError("the address needs SMTPUTF8, which is not supported")
