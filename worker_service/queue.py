@@ -213,14 +213,11 @@ class StreamQueue:
         if not ids:
             return
         idle = 10**12 if due_now else 0
-        if not deliveries:
-            await self.redis.xclaim(
-                self.stream, self.group, RETRY_PARKING_CONSUMER, 0, ids, idle=idle, justid=True
-            )
-            return
-        by_count: dict[int, list[str]] = {}
+        # One XCLAIM per delivery count to set (None: leave the counts as they are).
+        by_count: dict[int | None, list[str]] = {}
         for entry_id in ids:
-            by_count.setdefault(max(0, deliveries.get(entry_id, 0)), []).append(entry_id)
+            count = None if deliveries is None else max(0, deliveries.get(entry_id, 0))
+            by_count.setdefault(count, []).append(entry_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             for count, same in by_count.items():
                 pipe.xclaim(
