@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from devstack.procs import free_port, wait_for_port
+from devstack.services import ServiceProcess
+
 LINK = re.compile(r"https?://\S+/v1/verify_email\?\S+")
+
+
+@contextlib.contextmanager
+def api_process(dsn: str, log: Path, **env: str) -> Iterator[tuple[ServiceProcess, str]]:
+    """`python -m api_service` on a free local port against `dsn`, with `env` on top;
+    (the process, its base URL). It must exit 0 on SIGTERM at the end."""
+    port = free_port()
+    api = ServiceProcess(
+        "api",
+        {"DATABASE_URL": dsn, "API_HOST": "127.0.0.1", "API_PORT": str(port), **env},
+        log,
+    ).start()
+    try:
+        wait_for_port(port, 30, api.proc)
+        yield api, f"http://127.0.0.1:{port}"
+    finally:
+        assert api.terminate() == 0
 
 
 async def eventually(

@@ -18,10 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from api_service.app import create_app
 from api_service.settings import ApiSettings
 from devstack.postgres import PostgresServer
-from devstack.procs import free_port, proc_memory, wait_for_port
-from devstack.services import ServiceProcess
+from devstack.procs import proc_memory
 from shared.verification import hash_code
-from tests.helpers import signup_body
+from tests.helpers import api_process, signup_body
 
 PROBLEM = "application/problem+json"
 
@@ -344,17 +343,8 @@ async def test_the_api_with_default_hashing_stays_under_100_mb(
     defaults, nothing overridden) on two hash threads hashing at once, as on two CPUs:
     every hash in flight holds its memory, so the defaults must leave room for two. No
     REDIS_URL either: the API never talks to Redis."""
-    port = free_port()
-    env = {
-        "DATABASE_URL": pg_server.dsn,
-        "API_HOST": "127.0.0.1",
-        "API_PORT": str(port),
-        "API_HASH_THREADS": "2",
-    }
-    api = ServiceProcess("api", env, workdir / "rss-api.log").start()
-    try:
-        wait_for_port(port, 30, api.proc)
-        url = f"http://127.0.0.1:{port}/v1/users"
+    with api_process(pg_server.dsn, workdir / "rss-api.log", API_HASH_THREADS="2") as (api, base):
+        url = f"{base}/v1/users"
         async with aiohttp.ClientSession() as session:
 
             async def signup(i: int) -> int:
@@ -365,8 +355,6 @@ async def test_the_api_with_default_hashing_stays_under_100_mb(
         assert statuses == [201] * 16
         assert api.proc is not None
         peak_mib = proc_memory(api.proc.pid)[1]
-    finally:
-        assert api.terminate() == 0
     defaults = ApiSettings.model_fields
     stored = await pool.fetchval("SELECT hashed_password FROM users LIMIT 1")
     assert stored.startswith(  # ARGON2_* set in the environment would show up here

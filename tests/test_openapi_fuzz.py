@@ -17,26 +17,17 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api_service.openapi import build_openapi
 from devstack.postgres import PostgresServer
-from devstack.procs import free_port, wait_for_port
-from devstack.services import ServiceProcess
+from tests.helpers import api_process
 
 schema = schemathesis.openapi.from_dict(build_openapi())
 
 
 @pytest.fixture(scope="module")
 def api_base(pg_server: PostgresServer, workdir: Path) -> Iterator[str]:
-    port = free_port()
-    env = {
-        "DATABASE_URL": pg_server.dsn,
-        "API_PORT": str(port),
-        "API_HOST": "127.0.0.1",
-        "ARGON2_TIME_COST": "1",
-        "ARGON2_MEMORY_KIB": "1024",
-    }
-    api = ServiceProcess("api", env, workdir / "fuzz-api.log").start()
-    wait_for_port(port, 30, api.proc)
-    yield f"http://127.0.0.1:{port}"
-    assert api.terminate() == 0
+    with api_process(
+        pg_server.dsn, workdir / "fuzz-api.log", ARGON2_TIME_COST="1", ARGON2_MEMORY_KIB="1024"
+    ) as (api, base):
+        yield base
     log = api.logs()
     assert "request_failed" not in log, log[-3000:]  # no unhandled exception, ever
 
