@@ -1,9 +1,11 @@
 """A worker app for the fault tests: the real verification handler, except that it hangs
-on the first attempt for users whose name starts with "hang"."""
+on the first attempt for users whose name starts with "hang", and kills its process (as
+the OOM killer would: no cleanup) for users whose name starts with "crash"."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from worker_service import app as verify_app
@@ -17,6 +19,10 @@ router = Router(
 
 @router.handler(TASK_SEND_VERIFY_EMAIL, timeout=1.0)
 async def hang_then_send(ctx: TaskContext) -> None:
-    if str(ctx.payload.get("username", "")).startswith("hang") and ctx.attempt == 1:
+    username = str(ctx.payload.get("username", ""))
+    if username.startswith("hang") and ctx.attempt == 1:
         await asyncio.Event().wait()  # never set: only the timeout ends this
+    if username.startswith("crash"):
+        await asyncio.sleep(0.05)  # a moment in, as a real crash would come
+        os._exit(70)
     await verify_app.send_verify_email(ctx)

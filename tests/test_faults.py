@@ -28,6 +28,7 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.fault
 
 SIGNUPS = 500
+MAX_3 = {"WORKER_MAX_ATTEMPTS": "3"}
 
 
 @pytest.fixture
@@ -51,8 +52,11 @@ async def settle(
     smtp_sink: SmtpSink,
     timeout: float = 90,
     dead: int = 0,
+    given_up: frozenset[str] = frozenset(),
 ) -> ledger.Ledger:
-    """Wait until every outbox row is finished and nothing is pending; the ledger."""
+    """Wait until every outbox row is finished and nothing is pending; the ledger.
+
+    given_up: the users whose task was dead-lettered, so who have no email."""
     conn = await asyncpg.connect(pg_server.dsn)
     r = aioredis.Redis.from_url(redis_server.url)
     try:
@@ -89,11 +93,11 @@ async def settle(
         await conn.close()
         await r.aclose()
     print("\n" + result.table())
-    assert result.lost == 0, f"lost: {result.lost_users[:10]}"
+    assert set(result.lost_users) == given_up, f"lost: {result.lost_users[:10]}"
     assert result.extra_usable == 0
     assert result.unfinished == 0
     assert result.dead_lettered == dead
-    assert result.delivered == result.committed
+    assert result.delivered == result.committed - len(given_up)
     return result
 
 
@@ -140,6 +144,44 @@ async def test_kill_9_worker_mid_handler(
     result = await settle(pg_server, redis_server, smtp_sink)
     # Only entries whose SMTP send finished just before the kill can be sent twice.
     assert result.duplicated <= 32
+
+
+async def test_an_entry_that_kills_its_worker_takes_no_other_entry_with_it(
+    stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
+) -> None:
+    """One signup's task kills its worker process each time it runs, with other entries in
+    flight beside it; the worker is restarted (same consumer name, as a container keeps
+    its pid) each time, as an orchestrator would. The entries that were in flight are
+    orphans and run alone, so they complete; only the killer gathers deliveries, and past
+    WORKER_MAX_ATTEMPTS it is dead-lettered instead of run again."""
+    smtp_sink.handler.delay_seconds = 0.2  # entries are in flight beside the killer
+    env = {"app": "tests.fault_app:router", "WORKER_CONSUMER_NAME": "restarted", **MAX_3}
+    stack.start("api")
+    stack.start("relay")
+    workers = [stack.start("worker", **env)]
+
+    async def keep_a_worker_running() -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            if not workers[-1].alive:
+                workers.append(stack.start("worker", **env))
+
+    supervisor = asyncio.create_task(keep_a_worker_running())
+    try:
+        sending = asyncio.create_task(stack.signups(SIGNUPS, "ok", concurrency=4))
+        await wait_emails(smtp_sink, 20)
+        assert await stack.signups(1, "crash") == 1
+        assert await sending == SIGNUPS
+        result = await settle(
+            pg_server, redis_server, smtp_sink, dead=1, given_up=frozenset({"crash0"})
+        )
+    finally:
+        supervisor.cancel()
+    assert result.duplicated <= 32  # sent just before a crash, its record cut off
+    exits = [w.proc.returncode for w in workers[:-1] if w.proc is not None]
+    assert exits == [70, 70, 70]  # its three deliveries; the fourth dead-letters it
+    orphans = sum(w.logs().count('"worker_orphan_taken"') for w in workers)
+    assert orphans > 3, "no entry was in flight beside the killer: the test proves nothing"
 
 
 async def test_redis_stopped_for_5_seconds(

@@ -48,21 +48,28 @@ class Recorder:
         self.sleep = 0.0
         self.running = 0
         self.max_running = 0
+        self._now_running: set[str] = set()
+        # Per entry, the most handlers that ran at once while it ran (1: it ran alone).
+        self.company: dict[str, int] = {}
 
         @self.router.handler("t")
         async def handle(ctx: TaskContext) -> None:
-            self.calls.append((str(ctx.payload["i"]), ctx.attempt))
+            key = str(ctx.payload["i"])
+            self.calls.append((key, ctx.attempt))
             self.running += 1
             self.max_running = max(self.max_running, self.running)
+            self._now_running.add(key)
+            for other in self._now_running:
+                self.company[other] = max(self.company.get(other, 0), len(self._now_running))
             try:
                 if self.sleep:
                     await asyncio.sleep(self.sleep)
-                key = str(ctx.payload["i"])
                 if self.fail_times.get(key, 0) > 0:
                     self.fail_times[key] -= 1
                     raise RuntimeError(f"boom {key}")
             finally:
                 self.running -= 1
+                self._now_running.discard(key)
 
         @self.router.handler("permanent")
         async def permanent(ctx: TaskContext) -> None:
@@ -430,9 +437,11 @@ async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(
     await worker.setup()
     assert await worker.run_once() == 0  # not yet: they may still be in progress
     await asyncio.sleep(0.6)
-    assert await worker.run_once() == 10
+    # Orphans are taken over one at a time, each run alone.
+    assert [await worker.run_once() for _ in range(11)] == [1] * 10 + [0]
     assert sorted(int(i) for i, _ in rec.calls) == list(range(10))
     assert all(a == 2 for _, a in rec.calls)  # the second delivery of each
+    assert rec.max_running == 1
     assert await pending_count(redis) == 0
 
 
@@ -456,7 +465,8 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
     worker = Worker(rec.router, pool, redis, s)
     await worker.setup()
     await asyncio.sleep(0.3)
-    await worker.run_once()
+    while await worker.run_once():  # one orphan a time
+        pass
     await eventually(lambda: _pending_is(redis, 0), timeout=5)
     assert [int(i) for i, _ in rec.calls] == [1]  # the deleted one had nothing to run
 
@@ -624,7 +634,7 @@ async def test_restarted_consumer_reads_its_own_pending_first(
     assert all(a == 2 for _, a in rec.calls)
 
 
-async def test_a_restart_takes_no_more_of_its_own_pending_than_may_run_at_once(
+async def test_a_restart_runs_its_own_pending_entries_alone_before_new_ones(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,
     publish: Any,
@@ -632,20 +642,27 @@ async def test_a_restart_takes_no_more_of_its_own_pending_than_may_run_at_once(
     pg_server: PostgresServer,
     redis_server: RedisServer,
 ) -> None:
-    await publish(6)
+    """What the consumer held when its process died may include the entry that killed
+    it: each runs alone, and new entries wait until they are done."""
+    await publish(4)
     q = StreamQueue(redis, "default")
     await q.ensure_group()
-    await q.read("w1", 6, None)  # w1 took them, then its container restarted
-    rec.sleep = 0.2
-    s = worker_settings(pg_server, redis_server, concurrency=2, visibility_timeout_seconds=0.3)
+    await q.read("w1", 4, None)  # w1 took them, then its container restarted
+    await publish(4, start=4)  # new entries, not yet read
+    rec.sleep = 0.05
+    s = worker_settings(pg_server, redis_server, concurrency=4)
     worker = Worker(rec.router, pool, redis, s)
     await worker.start()
     try:
-        await eventually(lambda: _pending_is(redis, 0), timeout=10)
+        await eventually(lambda: _is(len(rec.calls) == 8 and rec.running == 0), timeout=10)
+        await eventually(lambda: _pending_is(redis, 0))
     finally:
         await worker.stop()
-    assert rec.max_running == 2
-    assert sorted(int(i) for i, _ in rec.calls) == list(range(6))
+    assert sorted(int(i) for i, _ in rec.calls[:4]) == [0, 1, 2, 3]
+    assert all(rec.company[str(i)] == 1 for i in range(4))
+    assert all(a == 2 for _, a in rec.calls[:4])
+    assert rec.max_running == 4  # the new ones, together
+    assert all(a == 1 for _, a in rec.calls[4:])
 
 
 async def test_renewing_never_takes_back_an_entry_another_worker_took_over(
@@ -858,7 +875,8 @@ async def test_entries_this_worker_abandoned_are_taken_back(
     await q.read(s.consumer_name, 3, None)  # owned by "w1", not running anywhere
     worker = Worker(rec.router, pool, redis, s)
     await asyncio.sleep(0.4)
-    assert len(await worker.reclaim_once()) == 3
+    assert [await worker.run_once() for _ in range(4)] == [1, 1, 1, 0]  # each alone
+    assert sorted(int(i) for i, _ in rec.calls) == [0, 1, 2]
 
 
 async def test_a_dead_letter_is_replayed_once_even_when_two_replays_race(

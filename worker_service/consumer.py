@@ -8,6 +8,13 @@ unknown task type, XADD it to the dead-letter stream and XACK it in one MULTI.
 
 While a handler runs, the worker renews its claim on the entry every third of the
 visibility timeout, so no other worker takes over a slow but live handler.
+
+An orphan (an entry whose worker stopped with no outcome: it crashed, stalled past the
+visibility timeout, or restarted) runs alone: the worker taking it over first lets what
+it runs end and takes no new work until the orphan is done, one orphan at a time. The
+entry that killed its worker then kills no other entry with it: only its own delivery
+count grows, and past max_attempts it is dead-lettered, while the entries that were in
+flight beside it run, each alone, and complete.
 """
 
 from __future__ import annotations
@@ -78,6 +85,11 @@ class Worker:
         self.state: dict[str, Any] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._deliveries: dict[str, int] = {}  # of the entries in flight
+        self._orphan: str | None = None  # the orphan running alone (see the module doc)
+        self._draining = False  # orphans wait: no new work until what runs has ended
+        self._own_orphans = False  # this consumer's entries from before a restart remain
+        self._reclaim_now = asyncio.Event()  # the next reclaim pass, without its interval
+        self._ack_lock = asyncio.Lock()  # one flush at a time (see _next_orphan)
         # Per reclaim scan, where its next pass goes on in the pending list ("-": the start).
         self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
@@ -109,12 +121,10 @@ class Worker:
         self._started = True
         self._stopping.clear()
         await self.setup()
-        # Entries this consumer name held before a restart come first, no more than may run
-        # at once (the reclaim scan takes the rest as capacity frees).
-        s = self.settings
-        await self._take(
-            await self.queue.read_own_pending(self.consumer, min(s.read_count, s.concurrency))
-        )
+        # Entries this consumer name held before a restart come first: orphans, run one at
+        # a time by the first reclaim passes before anything new is read.
+        self._own_orphans = True
+        self._reclaim_now.set()
         # Fetching and reclaiming end when the worker stops taking work; acks and claim
         # renewals go on until the work in flight is over.
         steps = {
@@ -147,6 +157,7 @@ class Worker:
         self._started = False
         self._stopping.set()
         self._slot_free.set()
+        self._reclaim_now.set()
         loops, self._tasks = self._tasks, []
         # A read in progress returns within block_ms; what it brings is run like the rest.
         takers = loops[:2]
@@ -207,9 +218,11 @@ class Worker:
     # -- one step, for tests -----------------------------------------------------------
 
     async def run_once(self, block_ms: int | None = None) -> int:
-        """Read one batch, run it to the end, flush acks; the number of entries read."""
-        entries = await self.queue.read(self.consumer, self.settings.read_count, block_ms)
-        entries += await self.reclaim_once()
+        """Read one batch (or take over one orphan, which runs alone), run it to the end,
+        flush acks; the number of entries run."""
+        entries = await self.reclaim_once()
+        if not self._isolating:
+            entries += await self.queue.read(self.consumer, self.settings.read_count, block_ms)
         await self._take(entries)
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
@@ -241,11 +254,16 @@ class Worker:
                 logger.exception("worker_loop_failed", extra={"loop": name, "failures": failures})
                 await self._pause(backoff_delay(failures, 0.1, 10.0), until)
 
+    @property
+    def _isolating(self) -> bool:
+        """An orphan runs or waits to: take no new work."""
+        return self._orphan is not None or self._draining or self._own_orphans
+
     async def _fetch_step(self) -> None:
         free = self.settings.concurrency - len(self._inflight)
         # Read when a quarter of the slots are free (or nothing runs): one XREADGROUP per
         # freed slot would cost a round trip per entry.
-        if free <= 0 or (self._inflight and free < self._read_watermark):
+        if self._isolating or free <= 0 or (self._inflight and free < self._read_watermark):
             self._slot_free.clear()
             await self._slot_free.wait()
             return
@@ -254,13 +272,18 @@ class Worker:
                 self.consumer, min(free, self.settings.read_count), self.settings.block_ms
             )
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            # Redis lost the group (a restart without its data): make it again.
-            logger.warning("worker_group_missing")
-            await self.queue.ensure_group()
+            await self._recreate_lost_group(e)
             return
         await self._take(entries)
+
+    async def _recreate_lost_group(self, e: ResponseError) -> None:
+        """Redis lost the group (a restart without its data): make it again; other
+        refusals propagate."""
+        if "NOGROUP" not in str(e):
+            raise e
+        logger.warning("worker_group_missing")
+        await self.queue.ensure_group()
+        self._reclaim_now.set()
 
     async def _ack_step(self) -> None:
         await self._ack_ready.wait()
@@ -275,9 +298,16 @@ class Worker:
         await self.queue.renew(self.consumer, list(self._inflight) + [a[0] for a in self._acks])
 
     async def _reclaim_step(self) -> None:
-        await self._pause(self.settings.reclaim_interval_seconds, self._stopping)
-        if not self._stopping.is_set():
-            await self._take(await self.reclaim_once())
+        await self._pause(self.settings.reclaim_interval_seconds, self._reclaim_now)
+        self._reclaim_now.clear()
+        if self._stopping.is_set():
+            return
+        try:
+            entries = await self.reclaim_once()
+        except ResponseError as e:
+            await self._recreate_lost_group(e)
+            return
+        await self._take(entries)
 
     @staticmethod
     async def _pause(seconds: float, until: asyncio.Event) -> None:
@@ -287,17 +317,30 @@ class Worker:
     # -- reclaiming --------------------------------------------------------------------
 
     async def reclaim_once(self) -> list[Entry]:
-        """Claim parked retries that are due and entries of workers that went silent."""
+        """One orphan to run alone if there is one (nothing while other work still runs),
+        else the parked retries that are due."""
+        if self._orphan is not None:
+            return []
+        orphan = await self._next_orphan()
+        if orphan is not None:
+            self._orphan = orphan.id
+            metrics.ORPHANS.inc()
+            logger.warning(
+                "worker_orphan_taken",
+                extra={"entry_id": orphan.id, "deliveries": orphan.deliveries},
+            )
+            return [orphan]
+        if self._isolating:
+            return []
         s = self.settings
         budget = max(0, s.concurrency - len(self._inflight))
         if budget == 0:
             return []
-        vt_ms = int(s.visibility_timeout_seconds * 1000)
         base_ms = int(s.retry_backoff_base_seconds * 500)  # the smallest jittered backoff
         claims: list[tuple[str, int, int]] = []
-        # Both scans page through the pending list (RECLAIM_SCAN_PAGES at most per pass):
+        # The scan pages through the pending list (RECLAIM_SCAN_PAGES at most per pass):
         # one page from its start would let entries that are not due (long backoffs) hide
-        # the due ones, or a dead worker's entries, behind them for as long as they wait.
+        # the due ones behind them for as long as they wait.
         parked = self._pending_pages("parked", base_ms, budget * 4, RETRY_PARKING_CONSUMER)
         async with contextlib.aclosing(parked):
             async for p in parked:
@@ -314,22 +357,53 @@ class Worker:
                     claims.append((p.id, due_ms, p.deliveries))
                     if len(claims) >= budget:
                         break
-        if len(claims) < budget:
-            # Held by a worker that went silent -- or by this one, when its bookkeeping
-            # failed or a claim renewal raced with parking: whatever this worker is not
-            # running or acknowledging, it has abandoned.
-            held = set(self._inflight) | {sid for sid, _ in self._acks}
-            silent = self._pending_pages("silent", vt_ms, budget + len(held) + 16, None)
-            async with contextlib.aclosing(silent):
-                async for p in silent:
-                    if p.consumer != RETRY_PARKING_CONSUMER and p.id not in held:
-                        claims.append((p.id, vt_ms, p.deliveries))
-                        if len(claims) >= budget:
-                            break
-        entries = await self.queue.claim(self.consumer, claims[:budget])
-        if entries:
-            logger.info("worker_reclaimed", extra={"count": len(entries)})
-        return entries
+        return await self.queue.claim(self.consumer, claims[:budget])
+
+    async def _next_orphan(self) -> Entry | None:
+        """An entry of this consumer from before its restart, or of a worker that went
+        silent, taken over to run alone; None if there is none, or if other work still runs
+        (the worker then drains: it takes no new work, and the pass after the last of it
+        ends takes the orphan over)."""
+        if self._own_orphans:
+            if self._inflight:
+                return None
+            # Its pending list then holds only orphans, and the completed entries whose XACK
+            # is still to go out (or under way: the lock waits for it) are skipped.
+            await self._flush_acks()
+            held = {sid for sid, _ in self._acks}
+            for entry in await self.queue.read_own_pending(self.consumer, len(held) + 1):
+                if entry.id not in held:
+                    return entry
+            self._own_orphans = False
+        # Held by a worker that went silent -- or by this one, when its bookkeeping failed
+        # or a claim renewal raced with parking: whatever this worker is not running or
+        # acknowledging, it has abandoned. The scan pages (see RECLAIM_SCAN_PAGES): parked
+        # retries with long backoffs are idle too and must not hide a dead worker's entries.
+        held = set(self._inflight) | {sid for sid, _ in self._acks}
+        vt_ms = int(self.settings.visibility_timeout_seconds * 1000)
+        found: PendingInfo | None = None
+        silent = self._pending_pages("silent", vt_ms, len(held) + 16, None)
+        async with contextlib.aclosing(silent):
+            async for p in silent:
+                if p.consumer != RETRY_PARKING_CONSUMER and p.id not in held:
+                    found = p
+                    self._scan_from["silent"] = p.id  # the next pass starts at it
+                    break
+        if found is None:
+            self._draining = False
+            self._slot_free.set()  # the fetch loop waits while orphans may remain
+            return None
+        if self._inflight:
+            self._draining = True
+            return None
+        taken = await self.queue.claim(self.consumer, [(found.id, vt_ms, found.deliveries)])
+        if not taken:
+            # Another worker took it first: look again at once.
+            self._draining = True
+            self._reclaim_now.set()
+            return None
+        self._draining = False
+        return taken[0]
 
     async def _pending_pages(
         self, scan: str, min_idle_ms: int, page: int, consumer: str | None
@@ -367,6 +441,13 @@ class Worker:
         # The in-flight gauge is set per batch (in _take), not per entry.
         self._inflight.pop(entry_id, None)
         self._deliveries.pop(entry_id, None)
+        if entry_id == self._orphan:
+            # Another orphan may wait: the next pass looks before new work is taken.
+            self._orphan = None
+            self._draining = True
+            self._reclaim_now.set()
+        elif self._draining and not self._inflight:
+            self._reclaim_now.set()
         self._slot_free.set()
 
     async def _guarded(self, entry: Entry) -> None:
@@ -539,18 +620,21 @@ class Worker:
     async def _flush_acks(self) -> None:
         """Record completion in Postgres, then XACK: never the other way round."""
         self._ack_ready.clear()
-        if not self._acks:
+        if not self._acks and not self._ack_lock.locked():
             return
-        batch, self._acks = self._acks, []
-        try:
-            event_ids = [eid for _, eid in batch if eid]
-            if event_ids:
-                await self.pool.execute(_MARK_COMPLETED, event_ids)
-            await self.queue.ack([sid for sid, _ in batch])
-        except BaseException:
-            self._acks[:0] = batch
-            self._ack_ready.set()
-            raise
+        async with self._ack_lock:
+            if not self._acks:
+                return
+            batch, self._acks = self._acks, []
+            try:
+                event_ids = [eid for _, eid in batch if eid]
+                if event_ids:
+                    await self.pool.execute(_MARK_COMPLETED, event_ids)
+                await self.queue.ack([sid for sid, _ in batch])
+            except BaseException:
+                self._acks[:0] = batch
+                self._ack_ready.set()
+                raise
 
 
 def _describe(e: BaseException) -> str:

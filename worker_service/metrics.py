@@ -28,6 +28,11 @@ GROUP_LAG = Gauge(
 DEAD_LETTERS = Gauge("worker_dead_letters", "Entries in the dead-letter stream.")
 CONSUMERS = Gauge("worker_consumers", "Consumers in the group.")
 IN_FLIGHT = Gauge("worker_in_flight", "Tasks this process is running now.")
+ORPHANS = Counter(
+    "worker_orphans",
+    "Entries taken over from a worker that stopped with no outcome (a crash, a stall past"
+    " the visibility timeout, a restart), each run alone.",
+)
 
 
 class TaskMetrics:
