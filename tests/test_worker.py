@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -131,6 +132,25 @@ def rec() -> Recorder:
     return Recorder()
 
 
+MakeWorker = Callable[..., Worker]
+
+
+@pytest.fixture
+def make_worker(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    rec: Recorder,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> MakeWorker:
+    """Builds a worker on the recorder's router; keyword arguments override the settings."""
+
+    def _make(**settings: Any) -> Worker:
+        return Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, **settings))
+
+    return _make
+
+
 @pytest.fixture
 async def publish(
     pool: asyncpg.Pool[Any],
@@ -171,11 +191,10 @@ async def test_done_records_completion_then_acks(
     redis: aioredis.Redis,
     publish: Any,
     rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    make_worker: MakeWorker,
 ) -> None:
     await publish(20)
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.setup()
     assert await worker.run_once() == 20
     assert sorted(int(i) for i, _ in rec.calls) == list(range(20))
@@ -185,17 +204,11 @@ async def test_done_records_completion_then_acks(
 
 
 async def test_runs_entries_concurrently_up_to_the_limit(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(30)
     rec.sleep = 0.1
-    s = worker_settings(pg_server, redis_server, concurrency=8)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(concurrency=8)
     await worker.start()
     try:
         await eventually(lambda: _is(len(rec.calls) == 30 and rec.running == 0))
@@ -214,16 +227,11 @@ async def _pending_is(redis: aioredis.Redis, n: int) -> bool:
 
 
 async def test_failed_entry_is_retried_after_backoff_then_done(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(3)
     rec.fail_times = {"1": 2}
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.start()
     try:
         await eventually(lambda: _is(("1", 3) in rec.calls))
@@ -236,20 +244,10 @@ async def test_failed_entry_is_retried_after_backoff_then_done(
     assert await dead_letters(redis) == []
 
 
-async def test_backoff_is_respected(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
-) -> None:
+async def test_backoff_is_respected(publish: Any, rec: Recorder, make_worker: MakeWorker) -> None:
     await publish(1)
     rec.fail_times = {"0": 1}
-    s = worker_settings(
-        pg_server, redis_server, retry_backoff_base_seconds=1.0, retry_backoff_max_seconds=1.0
-    )
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(retry_backoff_base_seconds=1.0, retry_backoff_max_seconds=1.0)
     await worker.setup()
     started = time.monotonic()
     await worker.run_once()
@@ -266,12 +264,11 @@ async def test_last_attempt_goes_to_dead_letters_with_the_reason(
     redis: aioredis.Redis,
     publish: Any,
     rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    make_worker: MakeWorker,
 ) -> None:
     (event_id,) = await publish(1)
     rec.fail_times = {"0": 99}
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.start()
     try:
         await eventually(lambda: _dead_count_is(redis, 1))
@@ -300,12 +297,7 @@ async def _dead_count_is(redis: aioredis.Redis, n: int) -> bool:
 
 
 async def test_permanent_error_unknown_type_and_garbage_dead_letter_at_once(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(5, start=0)
     await publish(1, task="permanent")
@@ -315,7 +307,7 @@ async def test_permanent_error_unknown_type_and_garbage_dead_letter_at_once(
     await client.xadd(STREAM, {"other": "field"})
     await client.xadd(STREAM, {"e": orjson.dumps({"v": 99, "id": "x"})})
     await publish(5, start=5)
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.setup()
     await worker.run_once()
     # The good ones around the poison all ran, once each.
@@ -327,15 +319,10 @@ async def test_permanent_error_unknown_type_and_garbage_dead_letter_at_once(
 
 
 async def test_an_error_text_no_store_takes_as_it_is_still_dead_lettered(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     (event_id,) = await publish(1, task="garbled")
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.setup()
     await worker.run_once()
     (dead,) = await dead_letters(redis)
@@ -347,16 +334,10 @@ async def test_an_error_text_no_store_takes_as_it_is_still_dead_lettered(
 
 
 async def test_task_timeout_counts_as_a_failure(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     await publish(1, task="slow")
-    s = worker_settings(pg_server, redis_server, max_attempts=1)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(max_attempts=1)
     await worker.setup()
     started = time.monotonic()
     await worker.run_once()
@@ -367,19 +348,14 @@ async def test_task_timeout_counts_as_a_failure(
 
 
 async def test_timeouts_hit_only_the_late_handlers_and_leave_no_trace_on_the_task(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """Timeouts come from one sweeper, not a timer per handler: check what it must keep."""
     await publish(2, task="slow")
     await publish(2, task="masks_cancel", start=2)
     await publish(1, task="own_timeout", start=4)
     await publish(20, task="quick", start=5)
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.setup()
     cancelling: list[int] = []
     original = worker._run_handler
@@ -401,17 +377,11 @@ async def test_timeouts_hit_only_the_late_handlers_and_leave_no_trace_on_the_tas
 
 
 async def test_a_handler_masking_its_timeout_still_counts_as_timed_out(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     await publish(1, task="masks_cancel")
     await publish(1, task="own_timeout", start=1)
-    s = worker_settings(pg_server, redis_server, max_attempts=1)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(max_attempts=1)
     await worker.setup()
     await worker.run_once()
     errors = sorted(d["error"] for d in await dead_letters(redis))
@@ -420,20 +390,14 @@ async def test_a_handler_masking_its_timeout_still_counts_as_timed_out(
 
 
 async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(10)
     q = StreamQueue(redis, "default")
     await q.ensure_group()
     taken = await q.read("crashed", 10, None)  # delivered to a worker that then died
     assert len(taken) == 10
-    s = worker_settings(pg_server, redis_server, visibility_timeout_seconds=0.5)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(visibility_timeout_seconds=0.5)
     await worker.setup()
     assert await worker.run_once() == 0  # not yet: they may still be in progress
     await asyncio.sleep(0.6)
@@ -446,12 +410,7 @@ async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(
 
 
 async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """XDEL (or a trim) of an entry a dead worker held: taking it over must clear it from
     the pending list, or it is claimed again forever and trimming stops at it."""
@@ -461,8 +420,7 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
     taken = await q.read("crashed", 2, None)
     client: Any = redis
     await client.xdel(STREAM, taken[0].id)
-    s = worker_settings(pg_server, redis_server, visibility_timeout_seconds=0.2)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(visibility_timeout_seconds=0.2)
     await worker.setup()
     await asyncio.sleep(0.3)
     while await worker.run_once():  # one orphan a time
@@ -472,12 +430,7 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
 
 
 async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """A handler that crashes the process never reaches the failure count: each takeover
     only adds a delivery. Past max_attempts (3 here) deliveries, it is not run again."""
@@ -488,8 +441,7 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     client: Any = redis
     for name in ("died_2", "died_3"):  # two more workers took it over and died
         await client.xclaim(STREAM, CONSUMER_GROUP, name, 0, [entry.id])
-    s = worker_settings(pg_server, redis_server, visibility_timeout_seconds=0.2)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(visibility_timeout_seconds=0.2)
     await worker.setup()
     await asyncio.sleep(0.3)
     await worker.run_once()
@@ -501,36 +453,25 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
 
 
 async def test_parked_retries_that_are_not_due_do_not_hide_a_dead_workers_entries(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     """Entries parked for a long backoff sit at the start of the pending list, idle longer
     than the visibility timeout: a scan of one page from the start saw only them, and the
     dead worker's entry behind them waited for as long as their backoffs."""
     orphan = await park_then_orphan(redis, publish, 6)
-    worker = await long_backoff_worker(rec, pool, redis, pg_server, redis_server, concurrency=2)
+    worker = await long_backoff_worker(make_worker, concurrency=2)
     taken = await worker.reclaim_once()
     assert [e.id for e in taken] == [orphan.id]
 
 
 async def test_reclaim_passes_go_round_a_pending_list_longer_than_one_pass(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
-    monkeypatch: pytest.MonkeyPatch,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """More parked entries than one pass reads (one page of 17 here, as thousands during an
     SMTP outage against ten pages): the next pass goes on where the last stopped."""
     monkeypatch.setattr(consumer_mod, "RECLAIM_SCAN_PAGES", 1)
     orphan = await park_then_orphan(redis, publish, 20)
-    worker = await long_backoff_worker(rec, pool, redis, pg_server, redis_server, concurrency=1)
+    worker = await long_backoff_worker(make_worker, concurrency=1)
     assert await worker.reclaim_once() == []  # one page of parked entries, none due
     assert [e.id for e in await worker.reclaim_once()] == [orphan.id]
 
@@ -548,25 +489,15 @@ async def park_then_orphan(redis: aioredis.Redis, publish: Any, parked: int) -> 
     return orphan
 
 
-async def long_backoff_worker(
-    rec: Recorder,
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    pg: PostgresServer,
-    rs: RedisServer,
-    concurrency: int,
-) -> Worker:
+async def long_backoff_worker(make_worker: MakeWorker, concurrency: int) -> Worker:
     """A worker whose parked retries wait 100 s or more and whose visibility timeout, 0.2 s,
     has passed for every entry taken before it."""
-    s = worker_settings(
-        pg,
-        rs,
+    worker = make_worker(
         concurrency=concurrency,
         visibility_timeout_seconds=0.2,
         retry_backoff_base_seconds=100,
         retry_backoff_max_seconds=300,
     )
-    worker = Worker(rec.router, pool, redis, s)
     await worker.setup()
     await asyncio.sleep(0.3)
     return worker
@@ -579,27 +510,12 @@ async def _pending_ids(redis: aioredis.Redis) -> list[str]:
 
 
 async def test_slow_handler_renews_its_claim_and_runs_once(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(1)
     rec.sleep = 1.5  # five times the visibility timeout
-    a = Worker(
-        rec.router,
-        pool,
-        redis,
-        worker_settings(pg_server, redis_server, consumer_name="a", visibility_timeout_seconds=0.3),
-    )
-    b = Worker(
-        rec.router,
-        pool,
-        redis,
-        worker_settings(pg_server, redis_server, consumer_name="b", visibility_timeout_seconds=0.3),
-    )
+    a = make_worker(consumer_name="a", visibility_timeout_seconds=0.3)
+    b = make_worker(consumer_name="b", visibility_timeout_seconds=0.3)
     await a.start()
     await eventually(lambda: _is(len(rec.calls) == 1))
     await b.start()
@@ -613,18 +529,13 @@ async def test_slow_handler_renews_its_claim_and_runs_once(
 
 
 async def test_restarted_consumer_reads_its_own_pending_first(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(4)
     q = StreamQueue(redis, "default")
     await q.ensure_group()
     await q.read("w1", 4, None)  # w1 took them, then its container restarted
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.start()
     try:
         await eventually(lambda: _pending_is(redis, 0))
@@ -635,12 +546,7 @@ async def test_restarted_consumer_reads_its_own_pending_first(
 
 
 async def test_a_restart_runs_its_own_pending_entries_alone_before_new_ones(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """What the consumer held when its process died may include the entry that killed
     it: each runs alone, and new entries wait until they are done."""
@@ -650,8 +556,7 @@ async def test_a_restart_runs_its_own_pending_entries_alone_before_new_ones(
     await q.read("w1", 4, None)  # w1 took them, then its container restarted
     await publish(4, start=4)  # new entries, not yet read
     rec.sleep = 0.05
-    s = worker_settings(pg_server, redis_server, concurrency=4)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(concurrency=4)
     await worker.start()
     try:
         await eventually(lambda: _is(len(rec.calls) == 8 and rec.running == 0), timeout=10)
@@ -686,12 +591,10 @@ async def test_renewing_never_takes_back_an_entry_another_worker_took_over(
 
 @pytest.mark.expect_loop_failures
 async def test_a_failed_final_acknowledgement_does_not_cut_the_stop_short(
-    pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,
     publish: Any,
     rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    make_worker: MakeWorker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Redis failing the last XACK of a stop: the entries stay pending (taken over later,
@@ -703,7 +606,7 @@ async def test_a_failed_final_acknowledgement_does_not_cut_the_stop_short(
         shut.append(True)
 
     await publish(2)
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
 
     async def refused(_ids: list[str]) -> None:
         raise RedisConnectionError("Redis went away")
@@ -717,16 +620,11 @@ async def test_a_failed_final_acknowledgement_does_not_cut_the_stop_short(
 
 
 async def test_stop_finishes_in_flight_within_grace_and_hands_back_the_rest(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(2)
     rec.sleep = 3.0
-    a = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, consumer_name="a"))
+    a = make_worker(consumer_name="a")
     await a.start()
     await eventually(lambda: _is(rec.running == 2))
     started = time.monotonic()
@@ -741,7 +639,7 @@ async def test_stop_finishes_in_flight_within_grace_and_hands_back_the_rest(
     # The deliveries the stop cut short do not count as attempts.
     assert [p["times_delivered"] for p in parked] == [0, 0]
     rec.sleep = 0
-    b = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, consumer_name="b"))
+    b = make_worker(consumer_name="b")
     await b.setup()
     assert await b.run_once() == 2  # taken at once, no visibility timeout to wait
     assert await pending_count(redis) == 0
@@ -753,12 +651,11 @@ async def test_stop_waits_for_handlers_that_finish_in_time(
     redis: aioredis.Redis,
     publish: Any,
     rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    make_worker: MakeWorker,
 ) -> None:
     await publish(3)
     rec.sleep = 0.3
-    w = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    w = make_worker()
     await w.start()
     await eventually(lambda: _is(rec.running == 3))
     await w.stop(grace=5)
@@ -767,14 +664,9 @@ async def test_stop_waits_for_handlers_that_finish_in_time(
 
 
 async def test_worker_recreates_a_group_redis_lost(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
-    w = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    w = make_worker()
     await w.start()
     try:
         await redis.flushall()  # stream and group gone
@@ -786,15 +678,10 @@ async def test_worker_recreates_a_group_redis_lost(
 
 
 async def test_trim_keeps_everything_not_yet_acknowledged(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     await publish(10)
-    w = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server, read_count=6))
+    w = make_worker(read_count=6)
     await w.setup()
     q = w.queue
     await w.run_once()  # 6 done and acked
@@ -880,15 +767,10 @@ async def test_entries_this_worker_abandoned_are_taken_back(
 
 
 async def test_a_dead_letter_is_replayed_once_even_when_two_replays_race(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     (event_id,) = await publish(1, task="permanent")
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.setup()
     await worker.run_once()
     client: Any = redis
@@ -903,17 +785,12 @@ async def test_a_dead_letter_is_replayed_once_even_when_two_replays_race(
 
 
 async def test_a_replay_keeps_the_dedupe_keys_expiry_and_creates_none(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     """The replayed entry's id goes into the event's dedupe key while the relay's key lives,
     with its expiry; once it has expired, none is made (it would never expire)."""
     first, second = await publish(2, task="permanent")
-    worker = Worker(rec.router, pool, redis, worker_settings(pg_server, redis_server))
+    worker = make_worker()
     await worker.setup()
     await worker.run_once()
     client: Any = redis
@@ -929,19 +806,14 @@ async def test_a_replay_keeps_the_dedupe_keys_expiry_and_creates_none(
 
 
 async def test_a_shutdown_cancel_is_not_mistaken_for_a_timeout(
-    pool: asyncpg.Pool[Any],
-    redis: aioredis.Redis,
-    publish: Any,
-    rec: Recorder,
-    pg_server: PostgresServer,
-    redis_server: RedisServer,
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     """Cancelled at the end of a shutdown's grace, a handler's cleanup then runs past its
     deadline and the sweeper cancels it too: the task must end cancelled, not be counted
     as a timed-out attempt (with one attempt allowed, that would dead-letter it)."""
     await publish(1, task="slow_cleanup")
-    s = worker_settings(pg_server, redis_server, max_attempts=1)
-    worker = Worker(rec.router, pool, redis, s)
+    worker = make_worker(max_attempts=1)
+    s = worker.settings
     await worker.setup()
     await worker._take(await worker.queue.read(s.consumer_name, 10, None))
     (task,) = worker._inflight.values()
