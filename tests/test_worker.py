@@ -47,6 +47,7 @@ class Recorder:
         self.calls: list[tuple[str, int]] = []
         self.fail_times: dict[str, int] = {}
         self.sleep = 0.0
+        self.sleep_for: dict[str, float] = {}  # per entry ("i"), instead of `sleep`
         self.running = 0
         self.max_running = 0
         self._now_running: set[str] = set()
@@ -63,8 +64,9 @@ class Recorder:
             for other in self._now_running:
                 self.company[other] = max(self.company.get(other, 0), len(self._now_running))
             try:
-                if self.sleep:
-                    await asyncio.sleep(self.sleep)
+                delay = self.sleep_for.get(key, self.sleep)
+                if delay:
+                    await asyncio.sleep(delay)
                 if self.fail_times.get(key, 0) > 0:
                     self.fail_times[key] -= 1
                     raise RuntimeError(f"boom {key}")
@@ -568,6 +570,145 @@ async def test_a_restart_runs_its_own_pending_entries_alone_before_new_ones(
     assert all(a == 2 for _, a in rec.calls[:4])
     assert rec.max_running == 4  # the new ones, together
     assert all(a == 1 for _, a in rec.calls[4:])
+
+
+async def _owner(redis: aioredis.Redis, entry_id: str) -> tuple[str, int, int] | None:
+    """Who holds a pending entry: (consumer, deliveries, idle ms); None if not pending."""
+    client: Any = redis
+    for r in await client.xpending_range(STREAM, CONSUMER_GROUP, entry_id, entry_id, 1):
+        return r["consumer"].decode(), r["times_delivered"], r["time_since_delivered"]
+    return None
+
+
+async def _orphan_beside_slow_entries(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker, slow: float
+) -> tuple[Worker, str]:
+    """Entry 0 held by a dead worker; entries 1 and 2 (`slow` seconds each) running in the
+    started worker "w1" when it finds the orphan. Returns once w1 holds the orphan."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    (orphan,) = await q.read("dead", 1, None)
+    rec.sleep_for = {"1": slow, "2": slow}
+    worker = make_worker(concurrency=4, visibility_timeout_seconds=0.3)
+    await publish(2, start=1)
+    await worker.start()
+
+    async def held_by_w1() -> bool:
+        owner = await _owner(redis, orphan.id)
+        return owner is not None and owner[0] == "w1"
+
+    await eventually(held_by_w1, timeout=5)
+    return worker, orphan.id
+
+
+async def test_an_orphan_found_while_work_runs_is_held_then_run_alone(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """The worker takes the orphan over at once, so that no other worker stops for it
+    too, starts no new read until what runs has ended, then runs it alone."""
+    worker, _ = await _orphan_beside_slow_entries(redis, publish, rec, make_worker, 0.6)
+    try:
+        assert rec.running == 2
+        assert "0" not in [i for i, _ in rec.calls]  # held, not run beside them
+        await publish(2, start=3)  # new work, while the worker drains
+        await eventually(lambda: _is(len(rec.calls) == 5 and rec.running == 0), timeout=10)
+        await eventually(lambda: _pending_is(redis, 0))
+    finally:
+        await worker.stop()
+    order = [i for i, _ in rec.calls]
+    assert order.index("0") > max(order.index("1"), order.index("2"))  # held meanwhile
+    assert rec.company["0"] == 1  # nothing ran beside it (a read already under way may
+    # bring one of 3 and 4 in first: the orphan then waits for it too)
+    assert ("0", 2) in rec.calls
+
+
+async def test_a_stop_hands_a_held_orphan_back_as_an_orphan_uncounted(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """Stopped while it holds an orphan it has not run: the orphan stays with this
+    consumer, idle, so that the next worker takes it over at once and runs it alone; the
+    delivery it never ran is not counted."""
+    worker, orphan = await _orphan_beside_slow_entries(redis, publish, rec, make_worker, 5.0)
+    await worker.stop(grace=0.2)
+    owner = await _owner(redis, orphan)
+    assert owner is not None
+    consumer, deliveries, idle_ms = owner
+    assert (consumer, deliveries) == ("w1", 1)
+    assert idle_ms > 10**9
+    rec.sleep_for = {}
+    other = make_worker(consumer_name="w2")
+    await other.setup()
+    assert await other.run_once() == 1  # the orphan, alone, before anything else
+    assert rec.calls[-1] == ("0", 2)
+
+
+@pytest.mark.expect_loop_failures
+async def test_an_own_orphan_whose_outcome_cannot_be_recorded_holds_up_nothing(
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a restart, an own orphan whose dead letter cannot be written stays pending
+    (taken over after the visibility timeout, as any entry whose bookkeeping failed): it
+    is not read again at once, in a loop, while new work waits."""
+    await publish(1, task="permanent")
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    (entry,) = await q.read("w1", 1, None)  # w1 held it, then its container restarted
+    await publish(3, start=10)
+    worker = make_worker()
+
+    async def failing(*_args: Any, **_kwargs: Any) -> str:
+        raise RedisConnectionError("the dead-letter MULTI failed")
+
+    monkeypatch.setattr(worker.queue, "dead_letter", failing)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(len(rec.calls) == 3), timeout=5)
+    finally:
+        await worker.stop()
+    owner = await _owner(redis, entry.id)
+    assert owner is not None
+    assert owner[:2] == ("w1", 2)  # read once before the restart, once after
+
+
+async def test_a_stop_keeps_its_grace_while_an_acknowledgement_hangs(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+) -> None:
+    """Postgres hanging on the completion UPDATE of the ack loop's flush: the stop still
+    ends within its grace (the entries stay pending and are taken over later)."""
+    release = asyncio.Event()
+
+    class HangingPool:
+        async def execute(self, query: str, *args: Any) -> Any:
+            if "completed_at = now()" in query:
+                await release.wait()
+            return await pool.execute(query, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pool, name)
+
+    await publish(1)
+    worker = make_worker()
+    worker.pool = HangingPool()  # type: ignore[assignment]
+    await worker.start()
+    await eventually(lambda: _is(len(rec.calls) == 1))
+    await asyncio.sleep(0.1)  # the ack loop is in its flush
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(worker.stop(grace=1.0), 10)
+    finally:
+        stopped_in = time.monotonic() - started
+        release.set()
+    await eventually(lambda: _pending_is(redis, 0))  # the flush went on once released
+    assert stopped_in < 3
 
 
 async def test_renewing_never_takes_back_an_entry_another_worker_took_over(

@@ -85,11 +85,15 @@ class Worker:
         self.state: dict[str, Any] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._deliveries: dict[str, int] = {}  # of the entries in flight
-        self._orphan: str | None = None  # the orphan running alone (see the module doc)
-        self._draining = False  # orphans wait: no new work until what runs has ended
-        self._own_orphans = False  # this consumer's entries from before a restart remain
+        # Orphans (see the module doc): the one running alone, the one taken over and
+        # waiting for what runs to end (its claim renewed meanwhile), whether the worker is
+        # taking no new work for one, and where this consumer's own pending entries from
+        # before a restart go on (None: all looked at).
+        self._orphan: Entry | None = None
+        self._held_orphan: Entry | None = None
+        self._draining = False
+        self._own_after: str | None = None
         self._reclaim_now = asyncio.Event()  # the next reclaim pass, without its interval
-        self._ack_lock = asyncio.Lock()  # one flush at a time (see _next_orphan)
         # Per reclaim scan, where its next pass goes on in the pending list ("-": the start).
         self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
@@ -123,7 +127,7 @@ class Worker:
         await self.setup()
         # Entries this consumer name held before a restart come first: orphans, run one at
         # a time by the first reclaim passes before anything new is read.
-        self._own_orphans = True
+        self._own_after = "0"
         self._reclaim_now.set()
         # Fetching and reclaiming end when the worker stops taking work; acks and claim
         # renewals go on until the work in flight is over.
@@ -169,6 +173,7 @@ class Worker:
         await asyncio.gather(*takers, return_exceptions=True)
         stuck: list[str] = []
         uncounted: dict[str, int] = {}
+        running_orphan, held_orphan, self._held_orphan = self._orphan, self._held_orphan, None
         if self._inflight:
             # Claims are still renewed meanwhile: the heartbeat runs until _closing.
             _done, pending = await asyncio.wait(
@@ -199,10 +204,20 @@ class Worker:
             # Their work is done; the entries stay pending and are taken over after the
             # visibility timeout (the handlers are idempotent). The rest of the stop goes on.
             logger.exception("worker_final_ack_failed", extra={"entries": len(self._acks)})
-        if stuck:
-            # Others may take these at once instead of after the visibility timeout.
-            with contextlib.suppress(Exception):
-                await self.queue.park_for_retry(stuck, due_now=True, deliveries=uncounted)
+        # Others may take these at once instead of after the visibility timeout: orphans
+        # left idle with this consumer, to be taken over as orphans again (run alone), the
+        # rest parked as due retries. An orphan taken but not yet run is uncounted too.
+        back: dict[str, int] = {}
+        if held_orphan is not None:
+            back[held_orphan.id] = held_orphan.deliveries - 1
+        if running_orphan is not None and running_orphan.id in stuck:
+            back[running_orphan.id] = running_orphan.deliveries - 1
+        with contextlib.suppress(Exception):
+            await self.queue.hand_back_orphans(self.consumer, list(back), back)
+        with contextlib.suppress(Exception):
+            await self.queue.park_for_retry(
+                [i for i in stuck if i not in back], due_now=True, deliveries=uncounted
+            )
         await self._shutdown_app()
         logger.info("worker_stopped", extra={"consumer": self.consumer})
 
@@ -257,7 +272,7 @@ class Worker:
     @property
     def _isolating(self) -> bool:
         """An orphan runs or waits to: take no new work."""
-        return self._orphan is not None or self._draining or self._own_orphans
+        return self._orphan is not None or self._draining or self._own_after is not None
 
     async def _fetch_step(self) -> None:
         free = self.settings.concurrency - len(self._inflight)
@@ -295,7 +310,10 @@ class Worker:
 
     async def _heartbeat_step(self) -> None:
         await self._pause(self.settings.heartbeat_interval, self._closing)
-        await self.queue.renew(self.consumer, list(self._inflight) + [a[0] for a in self._acks])
+        held = [self._held_orphan.id] if self._held_orphan is not None else []
+        await self.queue.renew(
+            self.consumer, list(self._inflight) + [a[0] for a in self._acks] + held
+        )
 
     async def _reclaim_step(self) -> None:
         await self._pause(self.settings.reclaim_interval_seconds, self._reclaim_now)
@@ -323,12 +341,7 @@ class Worker:
             return []
         orphan = await self._next_orphan()
         if orphan is not None:
-            self._orphan = orphan.id
-            metrics.ORPHANS.inc()
-            logger.warning(
-                "worker_orphan_taken",
-                extra={"entry_id": orphan.id, "deliveries": orphan.deliveries},
-            )
+            self._orphan = orphan
             return [orphan]
         if self._isolating:
             return []
@@ -360,21 +373,40 @@ class Worker:
         return await self.queue.claim(self.consumer, claims[:budget])
 
     async def _next_orphan(self) -> Entry | None:
-        """An entry of this consumer from before its restart, or of a worker that went
-        silent, taken over to run alone; None if there is none, or if other work still runs
-        (the worker then drains: it takes no new work, and the pass after the last of it
-        ends takes the orphan over)."""
-        if self._own_orphans:
-            if self._inflight:
+        """The orphan to run now, alone; None if there is none, or while other work still
+        runs: the worker then holds the orphan (its claim renewed by the heartbeat, so no
+        other worker drains for it too) and takes no new work until the last of what runs
+        ends, and the pass after that runs it."""
+        if self._held_orphan is None:
+            self._held_orphan = await self._take_over_orphan()
+            if self._held_orphan is None:
+                self._draining = False
+                self._slot_free.set()  # the fetch loop waits while orphans may remain
                 return None
-            # Its pending list then holds only orphans, and the completed entries whose XACK
-            # is still to go out (or under way: the lock waits for it) are skipped.
-            await self._flush_acks()
-            held = {sid for sid, _ in self._acks}
-            for entry in await self.queue.read_own_pending(self.consumer, len(held) + 1):
-                if entry.id not in held:
-                    return entry
-            self._own_orphans = False
+            metrics.ORPHANS.inc()
+            logger.warning(
+                "worker_orphan_taken",
+                extra={
+                    "entry_id": self._held_orphan.id,
+                    "deliveries": self._held_orphan.deliveries,
+                },
+            )
+        if self._inflight:
+            self._draining = True
+            return None
+        orphan, self._held_orphan = self._held_orphan, None
+        self._draining = False
+        return orphan
+
+    async def _take_over_orphan(self) -> Entry | None:
+        """Claim one orphan: this consumer's own from before its restart first (one at a
+        time, from where the last one was), then one of a worker gone silent."""
+        if self._own_after is not None:
+            own = await self.queue.read_own_pending(self.consumer, 1, after=self._own_after)
+            if own:
+                self._own_after = own[0].id
+                return own[0]
+            self._own_after = None
         # Held by a worker that went silent -- or by this one, when its bookkeeping failed
         # or a claim renewal raced with parking: whatever this worker is not running or
         # acknowledging, it has abandoned. The scan pages (see RECLAIM_SCAN_PAGES): parked
@@ -390,19 +422,11 @@ class Worker:
                     self._scan_from["silent"] = p.id  # the next pass starts at it
                     break
         if found is None:
-            self._draining = False
-            self._slot_free.set()  # the fetch loop waits while orphans may remain
-            return None
-        if self._inflight:
-            self._draining = True
             return None
         taken = await self.queue.claim(self.consumer, [(found.id, vt_ms, found.deliveries)])
         if not taken:
-            # Another worker took it first: look again at once.
-            self._draining = True
-            self._reclaim_now.set()
+            self._reclaim_now.set()  # another worker took it first: look again at once
             return None
-        self._draining = False
         return taken[0]
 
     async def _pending_pages(
@@ -441,7 +465,7 @@ class Worker:
         # The in-flight gauge is set per batch (in _take), not per entry.
         self._inflight.pop(entry_id, None)
         self._deliveries.pop(entry_id, None)
-        if entry_id == self._orphan:
+        if self._orphan is not None and entry_id == self._orphan.id:
             # Another orphan may wait: the next pass looks before new work is taken.
             self._orphan = None
             self._draining = True
@@ -620,21 +644,18 @@ class Worker:
     async def _flush_acks(self) -> None:
         """Record completion in Postgres, then XACK: never the other way round."""
         self._ack_ready.clear()
-        if not self._acks and not self._ack_lock.locked():
+        if not self._acks:
             return
-        async with self._ack_lock:
-            if not self._acks:
-                return
-            batch, self._acks = self._acks, []
-            try:
-                event_ids = [eid for _, eid in batch if eid]
-                if event_ids:
-                    await self.pool.execute(_MARK_COMPLETED, event_ids)
-                await self.queue.ack([sid for sid, _ in batch])
-            except BaseException:
-                self._acks[:0] = batch
-                self._ack_ready.set()
-                raise
+        batch, self._acks = self._acks, []
+        try:
+            event_ids = [eid for _, eid in batch if eid]
+            if event_ids:
+                await self.pool.execute(_MARK_COMPLETED, event_ids)
+            await self.queue.ack([sid for sid, _ in batch])
+        except BaseException:
+            self._acks[:0] = batch
+            self._ack_ready.set()
+            raise
 
 
 def _describe(e: BaseException) -> str:

@@ -128,9 +128,10 @@ class StreamQueue:
             return []
         return [Entry(_sid(i), f, 1) for i, f in reply[0][1]]
 
-    async def read_own_pending(self, consumer: str, count: int) -> list[Entry]:
-        """This consumer's pending entries (XREADGROUP 0), with their delivery counts."""
-        reply = await self.redis.xreadgroup(self.group, consumer, {self.stream: "0"}, count=count)
+    async def read_own_pending(self, consumer: str, count: int, after: str = "0") -> list[Entry]:
+        """This consumer's pending entries with ids above `after` (XREADGROUP from an id:
+        each counts a delivery), with their delivery counts."""
+        reply = await self.redis.xreadgroup(self.group, consumer, {self.stream: after}, count=count)
         if not reply or not reply[0][1]:
             return []
         entries = reply[0][1]
@@ -210,6 +211,19 @@ class StreamQueue:
         worker that stops hands back what it had not finished). deliveries: set these
         entries' delivery counts (a shutdown takes back the delivery it cut short).
         """
+        await self._hand_over(RETRY_PARKING_CONSUMER, ids, due_now, deliveries)
+
+    async def hand_back_orphans(
+        self, consumer: str, ids: list[str], deliveries: dict[str, int]
+    ) -> None:
+        """Orphans a stopping worker had taken but not finished: left with it, as idle as a
+        dead worker's entries, so that the next worker takes them over at once, as orphans
+        (run alone), with the deliveries given."""
+        await self._hand_over(consumer, ids, True, deliveries)
+
+    async def _hand_over(
+        self, consumer: str, ids: list[str], due_now: bool, deliveries: dict[str, int] | None
+    ) -> None:
         if not ids:
             return
         idle = 10**12 if due_now else 0
@@ -223,7 +237,7 @@ class StreamQueue:
                 pipe.xclaim(
                     self.stream,
                     self.group,
-                    RETRY_PARKING_CONSUMER,
+                    consumer,
                     0,
                     same,
                     idle=idle,
