@@ -10,8 +10,8 @@ While a handler runs, the worker renews its claim on the entry every third of th
 visibility timeout, so no other worker takes over a slow but live handler.
 
 An orphan (an entry whose worker stopped with no outcome: it crashed, stalled past the
-visibility timeout, or restarted) runs alone: the worker taking it over first lets what
-it runs end and takes no new work until the orphan is done, one orphan at a time. The
+visibility timeout, or restarted) runs alone: the worker takes one over, holds it while
+what it runs ends (starting no new read), runs it, and only then takes new work. The
 entry that killed its worker then kills no other entry with it: only its own delivery
 count grows, and past max_attempts it is dead-lettered, while the entries that were in
 flight beside it run, each alone, and complete.
