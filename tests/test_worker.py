@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -73,6 +74,14 @@ class Recorder:
             finally:
                 self.running -= 1
                 self._now_running.discard(key)
+
+        self.released = False  # ends the "stubborn" handler
+
+        @self.router.handler("stubborn", timeout=0.2)
+        async def stubborn(ctx: TaskContext) -> None:
+            while not self.released:  # swallows its timeout's cancellation until released
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
 
         @self.router.handler("permanent")
         async def permanent(ctx: TaskContext) -> None:
@@ -485,7 +494,7 @@ async def park_then_orphan(redis: aioredis.Redis, publish: Any, parked: int) -> 
     q = StreamQueue(redis, "default")
     await q.ensure_group()
     await q.read("earlier", parked, None)
-    await q.park_for_retry(await _pending_ids(redis))
+    await q.park_for_retry("earlier", await _pending_ids(redis))
     await publish(1, start=100)
     (orphan,) = await q.read("crashed", 1, None)
     return orphan
@@ -643,6 +652,64 @@ async def test_a_stop_hands_a_held_orphan_back_as_an_orphan_uncounted(
     assert rec.calls[-1] == ("0", 2)
 
 
+async def test_a_read_under_way_when_an_orphan_is_taken_is_waited_for(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """An idle worker waits in XREADGROUP BLOCK when it finds an orphan: what that read
+    brings must not start beside the orphan, so the orphan waits for the read."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    rec.sleep_for = {"0": 1.0}
+    worker = make_worker(concurrency=4, visibility_timeout_seconds=0.5, block_ms=2000)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(worker._held_orphan is not None), timeout=5)
+        await publish(2, start=1)  # the read under way returns these
+        await eventually(lambda: _is(len(rec.calls) == 3 and rec.running == 0), timeout=10)
+    finally:
+        await worker.stop()
+    assert rec.company["0"] == 1, rec.company
+
+
+async def test_a_handler_that_ignores_its_timeout_does_not_hold_an_orphan_back(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """A handler cancelled by its timeout that does not give way must not keep the orphan
+    (and the worker's reading) waiting for ever."""
+    await publish(1, start=5)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    await publish(1, task="stubborn")
+    worker = make_worker(visibility_timeout_seconds=0.5)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(("5", 2) in rec.calls), timeout=5)
+    finally:
+        rec.released = True
+        await worker.stop()
+
+
+async def test_a_stop_renews_its_held_orphan_until_it_hands_it_back(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """While a stop waits for its handlers, the orphan it holds stays renewed, so no other
+    worker takes it over meanwhile; once handed back, another takes it over, once."""
+    worker, _ = await _orphan_beside_slow_entries(redis, publish, rec, make_worker, 1.5)
+    other = make_worker(consumer_name="w2", visibility_timeout_seconds=0.3)
+    await other.start()
+    try:
+        await worker.stop(grace=5)  # longer than the visibility timeout
+        await eventually(lambda: _is(("0", 2) in rec.calls and rec.running == 0), timeout=5)
+        await eventually(lambda: _pending_is(redis, 0))
+    finally:
+        await other.stop()
+    assert [c for c in rec.calls if c[0] == "0"] == [("0", 2)]
+    assert rec.company["0"] == 1
+
+
 @pytest.mark.expect_loop_failures
 async def test_an_own_orphan_whose_outcome_cannot_be_recorded_holds_up_nothing(
     redis: aioredis.Redis,
@@ -711,11 +778,12 @@ async def test_a_stop_keeps_its_grace_while_an_acknowledgement_hangs(
     assert stopped_in < 3
 
 
-async def test_renewing_never_takes_back_an_entry_another_worker_took_over(
+async def test_renewing_or_handing_over_never_takes_an_entry_another_worker_took_over(
     redis: aioredis.Redis, publish: Any
 ) -> None:
     """A worker stalled past the visibility timeout, another took its entry over: the
-    stalled one's next heartbeat must leave it there, or both would run it."""
+    stalled one's next heartbeat, a retry it parks, or the orphans it hands back when it
+    stops must leave it there, or both would run it."""
     await publish(2)
     q = StreamQueue(redis, "default")
     await q.ensure_group()
@@ -723,6 +791,8 @@ async def test_renewing_never_takes_back_an_entry_another_worker_took_over(
     client: Any = redis
     await client.xclaim(STREAM, CONSUMER_GROUP, "other", 0, [taken_over.id])
     assert await q.renew("stalled", [mine.id, taken_over.id]) == 1
+    assert await q.park_for_retry("stalled", [taken_over.id], due_now=True) == 0
+    assert await q.hand_back_orphans("stalled", [mine.id, taken_over.id], {}) == 1
     owners = {
         r["message_id"].decode(): r["consumer"].decode()
         for r in await client.xpending_range(STREAM, CONSUMER_GROUP, min="-", max="+", count=10)

@@ -94,6 +94,7 @@ class Worker:
         self._draining = False
         self._own_after: str | None = None
         self._reclaim_now = asyncio.Event()  # the next reclaim pass, without its interval
+        self._reading = False  # an XREADGROUP for new entries is under way
         # Per reclaim scan, where its next pass goes on in the pending list ("-": the start).
         self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
@@ -173,7 +174,7 @@ class Worker:
         await asyncio.gather(*takers, return_exceptions=True)
         stuck: list[str] = []
         uncounted: dict[str, int] = {}
-        running_orphan, held_orphan, self._held_orphan = self._orphan, self._held_orphan, None
+        running_orphan = self._orphan
         if self._inflight:
             # Claims are still renewed meanwhile: the heartbeat runs until _closing.
             _done, pending = await asyncio.wait(
@@ -206,7 +207,9 @@ class Worker:
             logger.exception("worker_final_ack_failed", extra={"entries": len(self._acks)})
         # Others may take these at once instead of after the visibility timeout: orphans
         # left idle with this consumer, to be taken over as orphans again (run alone), the
-        # rest parked as due retries. An orphan taken but not yet run is uncounted too.
+        # rest parked as due retries. An orphan taken but not yet run is uncounted too (it
+        # stayed held, and renewed, until the heartbeat ended).
+        held_orphan, self._held_orphan = self._held_orphan, None
         back: dict[str, int] = {}
         if held_orphan is not None:
             back[held_orphan.id] = held_orphan.deliveries - 1
@@ -216,7 +219,10 @@ class Worker:
             await self.queue.hand_back_orphans(self.consumer, list(back), back)
         with contextlib.suppress(Exception):
             await self.queue.park_for_retry(
-                [i for i in stuck if i not in back], due_now=True, deliveries=uncounted
+                self.consumer,
+                [i for i in stuck if i not in back],
+                due_now=True,
+                deliveries=uncounted,
             )
         await self._shutdown_app()
         logger.info("worker_stopped", extra={"consumer": self.consumer})
@@ -282,6 +288,7 @@ class Worker:
             self._slot_free.clear()
             await self._slot_free.wait()
             return
+        self._reading = True
         try:
             entries = await self.queue.read(
                 self.consumer, min(free, self.settings.read_count), self.settings.block_ms
@@ -289,7 +296,11 @@ class Worker:
         except ResponseError as e:
             await self._recreate_lost_group(e)
             return
+        finally:
+            self._reading = False
         await self._take(entries)
+        if self._draining and not self._inflight:
+            self._reclaim_now.set()  # a held orphan waited for this read, which brought none
 
     async def _recreate_lost_group(self, e: ResponseError) -> None:
         """Redis lost the group (a restart without its data): make it again; other
@@ -391,7 +402,10 @@ class Worker:
                     "deliveries": self._held_orphan.deliveries,
                 },
             )
-        if self._inflight:
+        if self._reading or any(eid not in self._timed_out for eid in self._inflight):
+            # A read under way would start what it brings beside the orphan: wait for it too.
+            # Not for a handler its timeout cancelled that does not give way (it swallows
+            # the cancellation, or its cleanup hangs): it could hold the orphan for ever.
             self._draining = True
             return None
         orphan, self._held_orphan = self._held_orphan, None
@@ -571,7 +585,7 @@ class Worker:
         if entry.deliveries >= max_attempts:
             await self._dead_letter(entry, envelope, route, "max_attempts", error)
             return
-        await asyncio.shield(self.queue.park_for_retry([entry.id]))
+        await asyncio.shield(self.queue.park_for_retry(self.consumer, [entry.id]))
         m.retried.inc()
         logger.warning(
             "task_failed_will_retry",

@@ -55,6 +55,27 @@ end
 return renewed
 """
 
+# Hands entries over to another consumer (the parking one, or the same one to leave them
+# idle), only those `owner` still holds: one another worker took over meanwhile (this one
+# stalled past the visibility timeout) stays where it is, or both would run it.
+# ARGV: group, owner, new owner, idle ms, then (entry id, delivery count or -1) pairs.
+_HAND_OVER_SCRIPT = """
+local moved = 0
+for i = 5, #ARGV, 2 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    if ARGV[i + 1] == '-1' then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[i], 'IDLE', ARGV[4], 'JUSTID')
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[i], 'IDLE', ARGV[4],
+                 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    end
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -203,48 +224,47 @@ class StreamQueue:
         return renewed
 
     async def park_for_retry(
-        self, ids: list[str], *, due_now: bool = False, deliveries: dict[str, int] | None = None
-    ) -> None:
-        """Hand entries to the parking consumer to wait out their backoff.
+        self,
+        owner: str,
+        ids: list[str],
+        *,
+        due_now: bool = False,
+        deliveries: dict[str, int] | None = None,
+    ) -> int:
+        """Hand entries `owner` holds to the parking consumer to wait out their backoff;
+        how many it still held.
 
         due_now: make them look idle for a long time, so they are taken again at once (a
         worker that stops hands back what it had not finished). deliveries: set these
         entries' delivery counts (a shutdown takes back the delivery it cut short).
         """
-        await self._hand_over(RETRY_PARKING_CONSUMER, ids, due_now, deliveries)
+        return await self._hand_over(owner, RETRY_PARKING_CONSUMER, ids, due_now, deliveries)
 
     async def hand_back_orphans(
         self, consumer: str, ids: list[str], deliveries: dict[str, int]
-    ) -> None:
+    ) -> int:
         """Orphans a stopping worker had taken but not finished: left with it, as idle as a
         dead worker's entries, so that the next worker takes them over at once, as orphans
-        (run alone), with the deliveries given."""
-        await self._hand_over(consumer, ids, True, deliveries)
+        (run alone), with the deliveries given; how many it still held."""
+        return await self._hand_over(consumer, consumer, ids, True, deliveries)
 
     async def _hand_over(
-        self, consumer: str, ids: list[str], due_now: bool, deliveries: dict[str, int] | None
-    ) -> None:
-        if not ids:
-            return
+        self,
+        owner: str,
+        to: str,
+        ids: list[str],
+        due_now: bool,
+        deliveries: dict[str, int] | None,
+    ) -> int:
         idle = 10**12 if due_now else 0
-        # One XCLAIM per delivery count to set (None: leave the counts as they are).
-        by_count: dict[int | None, list[str]] = {}
-        for entry_id in ids:
-            count = None if deliveries is None else max(0, deliveries.get(entry_id, 0))
-            by_count.setdefault(count, []).append(entry_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for count, same in by_count.items():
-                pipe.xclaim(
-                    self.stream,
-                    self.group,
-                    consumer,
-                    0,
-                    same,
-                    idle=idle,
-                    retrycount=count,
-                    justid=True,
-                )
-            await pipe.execute()
+        moved = 0
+        for i in range(0, len(ids), RENEW_CHUNK):  # a script blocks Redis while it runs
+            args: list[str | int] = [self.group, owner, to, idle]
+            for entry_id in ids[i : i + RENEW_CHUNK]:
+                count = -1 if deliveries is None else max(0, deliveries.get(entry_id, 0))
+                args += [entry_id, count]
+            moved += int(await self.redis.eval(_HAND_OVER_SCRIPT, 1, self.stream, *args))
+        return moved
 
     async def ack(self, ids: list[str]) -> None:
         if ids:
