@@ -23,6 +23,5 @@ async def hang_then_send(ctx: TaskContext) -> None:
     if username.startswith("hang") and ctx.attempt == 1:
         await asyncio.Event().wait()  # never set: only the timeout ends this
     if username.startswith("crash"):
-        await asyncio.sleep(0.05)  # a moment in, as a real crash would come
         os._exit(70)
     await verify_app.send_verify_email(ctx)

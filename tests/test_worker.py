@@ -1036,3 +1036,96 @@ async def test_a_shutdown_cancel_is_not_mistaken_for_a_timeout(
     pending: Any = await redis.xpending_range(STREAM, CONSUMER_GROUP, "-", "+", 10)
     assert [p["consumer"] for p in pending] == [s.consumer_name.encode()]  # not parked
     assert worker._deadlines == {} and worker._timed_out == set()
+
+
+async def test_an_orphan_that_ignores_its_timeout_does_not_stall_the_worker(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """The orphan itself times out and does not give way: new work must still run."""
+    await publish(1, task="stubborn")
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    worker = make_worker(visibility_timeout_seconds=0.5)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(worker._orphan is not None), timeout=5)
+        await publish(3, start=10)
+        await eventually(lambda: _is(len(rec.calls) == 3), timeout=5)
+    finally:
+        rec.released = True
+        await worker.stop()
+
+
+async def test_a_stop_keeps_its_grace_when_a_handler_ignores_cancellation(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    await publish(1, task="stubborn")
+    worker = make_worker()
+    await worker.start()
+    await eventually(lambda: _is(bool(worker._timed_out)))  # it timed out, and ignores it
+    t0 = time.monotonic()
+    stopping = asyncio.create_task(worker.stop(grace=1))
+    done, _ = await asyncio.wait([stopping], timeout=8)
+    rec.released = True
+    await stopping
+    assert done, f"stop(grace=1) still running after 8 s (took {time.monotonic() - t0:.1f})"
+
+
+async def test_a_held_orphan_runs_as_soon_as_the_last_live_handler_ends(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """A handler its timeout cancelled that does not give way, and a slow one, run when
+    the second reclaim pass (3 s) finds the orphan (idle past 1 s) and holds it. When the
+    slow one ends (4 s), the orphan runs at once, not at the next pass (6 s)."""
+    await publish(1)  # "0": the orphan
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    await publish(1, task="stubborn")
+    await publish(1, start=1)
+    rec.sleep_for = {"1": 4.0}
+    worker = make_worker(concurrency=4, visibility_timeout_seconds=1.0, reclaim_interval_seconds=3)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(("1", 1) in rec.calls), timeout=5)
+        await eventually(lambda: _is(worker._held_orphan is not None), timeout=8)
+        await eventually(lambda: _is(rec.running == 0), timeout=5)
+        ended = time.monotonic()
+        await eventually(lambda: _is(("0", 2) in rec.calls), timeout=10)
+        late = time.monotonic() - ended
+    finally:
+        rec.released = True
+        await worker.stop()
+    assert late < 1, f"the orphan ran {late:.2f} s after the last live handler ended"
+
+
+async def test_an_orphan_is_recorded_before_the_next_orphan_starts(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """Own orphans E then K after a restart. If K kills the process the moment it starts,
+    E's outcome must already be recorded, or E runs again (and its count grows with K's)."""
+    await publish(2)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    e, _ = await q.read("w1", 2, None)  # w1 held both, then its process died
+    worker = make_worker()
+    snapshot: list[tuple[bool, bool]] = []
+    orig = rec.router.get("t")
+    assert orig is not None
+    inner = orig.handler
+
+    async def handler(ctx: TaskContext) -> None:
+        if ctx.payload["i"] == 1:  # K: would os._exit() right here
+            unacked = any(sid == e.id for sid, _ in worker._acks)
+            owner = await _owner(redis, e.id)  # (an await: the ack loop may move meanwhile)
+            snapshot.append((unacked, owner is not None))
+        await inner(ctx)
+
+    object.__setattr__(orig, "handler", handler)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(len(rec.calls) == 2), timeout=5)
+    finally:
+        await worker.stop()
+    assert snapshot == [(False, False)], snapshot

@@ -36,7 +36,7 @@ from shared.autopipeline import AutoPipelineRedis
 from shared.constants import RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
 from shared.errors import EnvelopeError, PermanentError
-from shared.lifecycle import LOOP_ERRORS, backoff_delay
+from shared.lifecycle import LOOP_ERRORS, STOP_FLOOR_SECONDS, backoff_delay
 from shared.logs import request_id_var
 from worker_service import metrics
 from worker_service.queue import Entry, PendingInfo, StreamQueue, retry_delay
@@ -95,6 +95,7 @@ class Worker:
         self._own_after: str | None = None
         self._reclaim_now = asyncio.Event()  # the next reclaim pass, without its interval
         self._reading = False  # an XREADGROUP for new entries is under way
+        self._flushing = 0  # flushes under way: acknowledgements being recorded
         # Per reclaim scan, where its next pass goes on in the pending list ("-": the start).
         self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
@@ -187,7 +188,13 @@ class Worker:
                 logger.warning("worker_handlers_cancelled", extra={"entries": stuck})
                 for t in pending:
                     t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                # A handler may swallow its cancellation: it is left behind, not waited for.
+                _done, deaf = await asyncio.wait(pending, timeout=STOP_FLOOR_SECONDS)
+                if deaf:
+                    logger.error(
+                        "worker_handlers_ignore_cancellation",
+                        extra={"entries": [e for e, t in self._inflight.items() if t in deaf]},
+                    )
         self._closing.set()
         self._ack_ready.set()
         _done, still = await asyncio.wait(
@@ -280,6 +287,24 @@ class Worker:
         """An orphan runs or waits to: take no new work."""
         return self._orphan is not None or self._draining or self._own_after is not None
 
+    def _busy(self) -> bool:
+        """Work an orphan must not run beside: a live handler, a read under way (it would
+        start what it brings), completions not yet recorded (the orphan may kill the
+        process before they are, and they would run again). Not a handler its timeout
+        cancelled that does not give way (it swallows the cancellation, or its cleanup
+        hangs): it could hold the orphan back for ever."""
+        return (
+            self._reading
+            or self._flushing > 0
+            or bool(self._acks)
+            or any(eid not in self._timed_out for eid in self._inflight)
+        )
+
+    def _wake_if_drained(self) -> None:
+        """A held orphan may run now: the next reclaim pass, at once."""
+        if self._draining and not self._busy():
+            self._reclaim_now.set()
+
     async def _fetch_step(self) -> None:
         free = self.settings.concurrency - len(self._inflight)
         # Read when a quarter of the slots are free (or nothing runs): one XREADGROUP per
@@ -299,8 +324,7 @@ class Worker:
         finally:
             self._reading = False
         await self._take(entries)
-        if self._draining and not self._inflight:
-            self._reclaim_now.set()  # a held orphan waited for this read, which brought none
+        self._wake_if_drained()  # a held orphan waited for this read, which brought none
 
     async def _recreate_lost_group(self, e: ResponseError) -> None:
         """Redis lost the group (a restart without its data): make it again; other
@@ -402,10 +426,7 @@ class Worker:
                     "deliveries": self._held_orphan.deliveries,
                 },
             )
-        if self._reading or any(eid not in self._timed_out for eid in self._inflight):
-            # A read under way would start what it brings beside the orphan: wait for it too.
-            # Not for a handler its timeout cancelled that does not give way (it swallows
-            # the cancellation, or its cleanup hangs): it could hold the orphan for ever.
+        if self._busy():
             self._draining = True
             return None
         orphan, self._held_orphan = self._held_orphan, None
@@ -484,8 +505,8 @@ class Worker:
             self._orphan = None
             self._draining = True
             self._reclaim_now.set()
-        elif self._draining and not self._inflight:
-            self._reclaim_now.set()
+        else:
+            self._wake_if_drained()
         self._slot_free.set()
 
     async def _guarded(self, entry: Entry) -> None:
@@ -617,6 +638,11 @@ class Worker:
                 if deadline <= now:
                     self._timed_out.add(entry_id)
                     task.cancel()
+                    if self._orphan is not None and self._orphan.id == entry_id:
+                        # It may not give way: the worker must not wait on it for ever.
+                        self._orphan = None
+                        self._draining = True
+                    self._wake_if_drained()
                 else:
                     soonest = min(soonest, deadline)
             await asyncio.sleep(soonest - now)
@@ -661,6 +687,7 @@ class Worker:
         if not self._acks:
             return
         batch, self._acks = self._acks, []
+        self._flushing += 1
         try:
             event_ids = [eid for _, eid in batch if eid]
             if event_ids:
@@ -670,6 +697,9 @@ class Worker:
             self._acks[:0] = batch
             self._ack_ready.set()
             raise
+        finally:
+            self._flushing -= 1
+        self._wake_if_drained()
 
 
 def _describe(e: BaseException) -> str:
