@@ -31,3 +31,8 @@ def dead_letter_key(queue: str = DEFAULT_QUEUE) -> str:
 
 def dedupe_key(event_id: str, queue: str = DEFAULT_QUEUE) -> str:
     return f"outbox:{{{queue}}}:published:{event_id}"
+
+
+def alone_key(entry_id: str, queue: str = DEFAULT_QUEUE) -> str:
+    """Set while an orphan runs alone: if its worker dies then, the entry did it."""
+    return f"outbox:{{{queue}}}:alone:{entry_id}"

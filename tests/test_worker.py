@@ -444,7 +444,8 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """A handler that crashes the process never reaches the failure count: each takeover
-    only adds a delivery. Past max_attempts (3 here) deliveries, it is not run again."""
+    only adds a delivery. Past max_attempts (3 here) deliveries, the last of them run
+    alone, it is not run again."""
     await publish(1)
     q = StreamQueue(redis, "default")
     await q.ensure_group()
@@ -452,6 +453,7 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     client: Any = redis
     for name in ("died_2", "died_3"):  # two more workers took it over and died
         await client.xclaim(STREAM, CONSUMER_GROUP, name, 0, [entry.id])
+    await q.mark_alone(entry.id)  # died_3 ran it alone
     worker = make_worker(visibility_timeout_seconds=0.2)
     await worker.setup()
     await asyncio.sleep(0.3)
@@ -461,6 +463,49 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     (dead,) = await dead_letters(redis)
     assert dead["reason"] == "max_attempts"
     assert dead["attempts"] == "4"
+
+
+async def test_an_orphan_past_its_attempts_that_never_ran_alone_runs_alone_first(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """Entry 0 failed twice, and its third delivery (max_attempts 3) was in flight beside
+    entry 1 when 1 killed the worker: 0 is an orphan past its attempts, but it never ran
+    alone, so it may not be what killed the worker. It runs (alone), it is not
+    dead-lettered as the killer."""
+    await publish(2)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    beside, _ = await q.read("w1", 2, None)
+    client: Any = redis
+    await client.xclaim(STREAM, CONSUMER_GROUP, "w1", 0, [beside.id], retrycount=3, justid=True)
+    worker = make_worker(max_attempts=3)
+    await worker.start()
+    try:
+        await eventually(lambda: _pending_is(redis, 0), timeout=5)
+    finally:
+        await worker.stop()
+    assert await dead_letters(redis) == []
+    assert ("0", 4) in rec.calls
+    assert rec.company["0"] == 1
+
+
+async def test_an_orphan_held_through_a_crash_it_did_not_run_in_is_not_blamed(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """w1 holds orphan 0 (it ran alone before, and its worker died) while entries 1 and 2
+    run, and one of them kills w1. 0 never ran in w1: the next worker runs it alone
+    instead of dead-lettering it, although it is past max_attempts (1 here)."""
+    worker, _ = await _orphan_beside_slow_entries(redis, publish, rec, make_worker, 5.0, True)
+    for t in [*worker._tasks, *worker._inflight.values()]:
+        t.cancel()  # the process dies: nothing runs any more, nothing is handed back
+    await asyncio.gather(*worker._tasks, *worker._inflight.values(), return_exceptions=True)
+    other = make_worker(consumer_name="w2", max_attempts=1, visibility_timeout_seconds=0.3)
+    await other.setup()
+    await asyncio.sleep(0.4)
+    while await other.run_once():
+        pass
+    assert await dead_letters(redis) == []
+    assert ("0", 3) in rec.calls  # read by the dead worker, held by w1, then w2
 
 
 async def test_parked_retries_that_are_not_due_do_not_hide_a_dead_workers_entries(
@@ -590,7 +635,12 @@ async def _owner(redis: aioredis.Redis, entry_id: str) -> tuple[str, int, int] |
 
 
 async def _orphan_beside_slow_entries(
-    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker, slow: float
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+    slow: float,
+    ran_alone: bool = False,
 ) -> tuple[Worker, str]:
     """Entry 0 held by a dead worker; entries 1 and 2 (`slow` seconds each) running in the
     started worker "w1" when it finds the orphan. Returns once w1 holds the orphan."""
@@ -598,6 +648,8 @@ async def _orphan_beside_slow_entries(
     q = StreamQueue(redis, "default")
     await q.ensure_group()
     (orphan,) = await q.read("dead", 1, None)
+    if ran_alone:
+        await q.mark_alone(orphan.id)  # the dead worker ran it alone
     rec.sleep_for = {"1": slow, "2": slow}
     worker = make_worker(concurrency=4, visibility_timeout_seconds=0.3)
     await publish(2, start=1)
@@ -1129,3 +1181,107 @@ async def test_an_orphan_is_recorded_before_the_next_orphan_starts(
     finally:
         await worker.stop()
     assert snapshot == [(False, False)], snapshot
+
+
+@pytest.mark.expect_loop_failures
+async def test_a_read_that_fails_wakes_the_held_orphan(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """The orphan is held while a read is under way; the read fails (a connection reset):
+    the orphan runs then, not at the next reclaim pass (3 s later)."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    worker = make_worker(visibility_timeout_seconds=1.0, reclaim_interval_seconds=3, block_ms=5000)
+    real_read = worker.queue.read
+    failed: list[float] = []
+
+    async def read(*args: Any) -> list[Entry]:
+        if not failed:
+            await eventually(lambda: _is(worker._held_orphan is not None), timeout=5)
+            await asyncio.sleep(0.1)
+            failed.append(time.monotonic())
+            raise RedisConnectionError("connection reset")
+        return await real_read(*args)
+
+    worker.queue.read = read  # type: ignore[method-assign,assignment]
+    await worker.start()
+    try:
+        await eventually(lambda: _is(("0", 2) in rec.calls), timeout=10)
+        late = time.monotonic() - failed[0]
+    finally:
+        await worker.stop()
+    assert late < 1, f"the held orphan ran {late:.2f} s after the failed read ended"
+
+
+async def test_a_stop_keeps_its_grace_when_a_second_batch_waits_behind_a_hung_flush(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+) -> None:
+    release = asyncio.Event()
+
+    class HangingPool:
+        async def execute(self, query: str, *args: Any) -> Any:
+            if "completed_at = now()" in query:
+                await release.wait()
+            return await pool.execute(query, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pool, name)
+
+    await publish(2)
+    rec.sleep_for = {"1": 0.3}  # completes after the first flush has started (and hung)
+    worker = make_worker()
+    worker.pool = HangingPool()  # type: ignore[assignment]
+    await worker.start()
+    await eventually(lambda: _is(len(rec.calls) == 2 and rec.running == 0))
+    await asyncio.sleep(0.1)
+    assert worker._acks  # the second completion, waiting behind the hung flush
+    started = time.monotonic()
+    stopping = asyncio.create_task(worker.stop(grace=1.0))
+    done, _ = await asyncio.wait([stopping], timeout=6)
+    stopped_in = time.monotonic() - started
+    release.set()
+    await stopping
+    assert done and stopped_in < 3, f"stop(grace=1) took {stopped_in:.1f} s"
+
+
+async def test_a_slow_completion_flush_keeps_its_entries_claimed(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+) -> None:
+    """Postgres slow on the completion UPDATE (a lock, a failover) for longer than the
+    visibility timeout: the entries of the batch under way are neither renewed nor seen as
+    held, so they are taken over as orphans and run again though they completed."""
+    release = asyncio.Event()
+
+    class SlowPool:
+        async def execute(self, query: str, *args: Any) -> Any:
+            if "completed_at = now()" in query:
+                await release.wait()
+            return await pool.execute(query, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pool, name)
+
+    await publish(1)
+    w1 = make_worker(visibility_timeout_seconds=0.6)
+    w1.pool = SlowPool()  # type: ignore[assignment]
+    await w1.start()
+    await eventually(lambda: _is(len(rec.calls) == 1))
+    w2 = make_worker(consumer_name="w2", visibility_timeout_seconds=0.6)
+    await w2.start()
+    try:
+        await asyncio.sleep(1.5)  # the flush is still under way
+    finally:
+        release.set()
+        await w2.stop()
+        await w1.stop()
+    assert rec.calls == [("0", 1)], rec.calls

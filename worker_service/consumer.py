@@ -25,6 +25,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,7 +96,7 @@ class Worker:
         self._own_after: str | None = None
         self._reclaim_now = asyncio.Event()  # the next reclaim pass, without its interval
         self._reading = False  # an XREADGROUP for new entries is under way
-        self._flushing = 0  # flushes under way: acknowledgements being recorded
+        self._flushing: set[str] = set()  # entries whose completion is being recorded
         # Per reclaim scan, where its next pass goes on in the pending list ("-": the start).
         self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
@@ -207,7 +208,10 @@ class Worker:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         try:
-            await asyncio.shield(self._flush_acks())
+            await asyncio.wait_for(
+                asyncio.shield(self._flush_acks()),
+                max(STOP_FLOOR_SECONDS, deadline - time.monotonic()),
+            )
         except Exception:
             # Their work is done; the entries stay pending and are taken over after the
             # visibility timeout (the handlers are idempotent). The rest of the stop goes on.
@@ -295,7 +299,7 @@ class Worker:
         hangs): it could hold the orphan back for ever."""
         return (
             self._reading
-            or self._flushing > 0
+            or bool(self._flushing)
             or bool(self._acks)
             or any(eid not in self._timed_out for eid in self._inflight)
         )
@@ -323,8 +327,8 @@ class Worker:
             return
         finally:
             self._reading = False
+            self._wake_if_drained()  # a held orphan waited for this read
         await self._take(entries)
-        self._wake_if_drained()  # a held orphan waited for this read, which brought none
 
     async def _recreate_lost_group(self, e: ResponseError) -> None:
         """Redis lost the group (a restart without its data): make it again; other
@@ -347,7 +351,8 @@ class Worker:
         await self._pause(self.settings.heartbeat_interval, self._closing)
         held = [self._held_orphan.id] if self._held_orphan is not None else []
         await self.queue.renew(
-            self.consumer, list(self._inflight) + [a[0] for a in self._acks] + held
+            self.consumer,
+            [*self._inflight, *(a[0] for a in self._acks), *self._flushing, *held],
         )
 
     async def _reclaim_step(self) -> None:
@@ -429,7 +434,9 @@ class Worker:
         if self._busy():
             self._draining = True
             return None
-        orphan, self._held_orphan = self._held_orphan, None
+        orphan = self._held_orphan
+        await self.queue.mark_alone(orphan.id)  # if it fails, the orphan stays held
+        self._held_orphan = None
         self._draining = False
         return orphan
 
@@ -440,13 +447,13 @@ class Worker:
             own = await self.queue.read_own_pending(self.consumer, 1, after=self._own_after)
             if own:
                 self._own_after = own[0].id
-                return own[0]
+                return await self._with_alone_mark(own[0])
             self._own_after = None
         # Held by a worker that went silent -- or by this one, when its bookkeeping failed
         # or a claim renewal raced with parking: whatever this worker is not running or
         # acknowledging, it has abandoned. The scan pages (see RECLAIM_SCAN_PAGES): parked
         # retries with long backoffs are idle too and must not hide a dead worker's entries.
-        held = set(self._inflight) | {sid for sid, _ in self._acks}
+        held = set(self._inflight) | {sid for sid, _ in self._acks} | self._flushing
         vt_ms = int(self.settings.visibility_timeout_seconds * 1000)
         found: PendingInfo | None = None
         silent = self._pending_pages("silent", vt_ms, len(held) + 16, None)
@@ -462,7 +469,10 @@ class Worker:
         if not taken:
             self._reclaim_now.set()  # another worker took it first: look again at once
             return None
-        return taken[0]
+        return await self._with_alone_mark(taken[0])
+
+    async def _with_alone_mark(self, orphan: Entry) -> Entry:
+        return replace(orphan, killed_alone=await self.queue.take_alone_mark(orphan.id))
 
     async def _pending_pages(
         self, scan: str, min_idle_ms: int, page: int, consumer: str | None
@@ -550,10 +560,12 @@ class Worker:
         )
         timeout = route.timeout or s.task_timeout_seconds
         max_attempts = route.max_attempts or s.max_attempts
-        if entry.deliveries > max_attempts:
-            # More deliveries than attempts with no outcome recorded: the workers running
-            # it died or stalled (a crash, the OOM killer, a blocked loop), which the failure
-            # count below never sees. Running it again would take the next worker down too.
+        if entry.killed_alone and entry.deliveries > max_attempts:
+            # More deliveries than attempts, the last of them run alone with no outcome: it
+            # took its worker down itself (a crash, the OOM killer, a blocked loop), which
+            # the failure count below never sees. Running it again would take the next
+            # worker down too. An orphan that has not yet run alone gets that run first:
+            # it may have been only beside the entry that did it.
             await self._dead_letter(
                 entry,
                 envelope,
@@ -687,18 +699,19 @@ class Worker:
         if not self._acks:
             return
         batch, self._acks = self._acks, []
-        self._flushing += 1
+        ids = [sid for sid, _ in batch]
+        self._flushing.update(ids)  # still held: renewed, and not taken for orphans
         try:
             event_ids = [eid for _, eid in batch if eid]
             if event_ids:
                 await self.pool.execute(_MARK_COMPLETED, event_ids)
-            await self.queue.ack([sid for sid, _ in batch])
+            await self.queue.ack(ids)
         except BaseException:
             self._acks[:0] = batch
             self._ack_ready.set()
             raise
         finally:
-            self._flushing -= 1
+            self._flushing.difference_update(ids)
         self._wake_if_drained()
 
 

@@ -25,6 +25,7 @@ from shared.constants import (
     CONSUMER_GROUP,
     ENVELOPE_FIELD,
     RETRY_PARKING_CONSUMER,
+    alone_key,
     dead_letter_key,
     dedupe_key,
     stream_key,
@@ -41,6 +42,9 @@ return id
 """
 
 RENEW_CHUNK = 500  # ids per renewal script: a few ms of Redis each
+# How long the mark of an orphan running alone lasts: until its next takeover (within the
+# visibility timeout, or at a restart); expired, the orphan gets one more run alone.
+ALONE_MARK_TTL_SECONDS = 86_400
 # KEYS: stream. ARGV: group, consumer, ids. XCLAIM ... JUSTID of each id the consumer still
 # holds, checked in the same script so that no takeover slips in between.
 _RENEW_SCRIPT = """
@@ -82,6 +86,9 @@ class Entry:
     id: str
     fields: Fields | None  # None: the entry was deleted from the stream (trimmed)
     deliveries: int
+    # An orphan whose last delivery ran alone and ended with no outcome: it took its
+    # worker down (or stalled it) by itself.
+    killed_alone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +272,15 @@ class StreamQueue:
                 args += [entry_id, count]
             moved += int(await self.redis.eval(_HAND_OVER_SCRIPT, 1, self.stream, *args))
         return moved
+
+    async def mark_alone(self, entry_id: str) -> None:
+        """Record that this orphan now runs alone (see Entry.killed_alone)."""
+        await self.redis.set(alone_key(entry_id, self.queue), b"1", ex=ALONE_MARK_TTL_SECONDS)
+
+    async def take_alone_mark(self, entry_id: str) -> bool:
+        """Whether the entry's last delivery ran alone (with no outcome since, as it is an
+        orphan again); the mark is cleared, to be set again only if it runs alone again."""
+        return await self.redis.getdel(alone_key(entry_id, self.queue)) is not None
 
     async def ack(self, ids: list[str]) -> None:
         if ids:
