@@ -453,7 +453,7 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     client: Any = redis
     for name in ("died_2", "died_3"):  # two more workers took it over and died
         await client.xclaim(STREAM, CONSUMER_GROUP, name, 0, [entry.id])
-    await q.mark_alone(entry.id)  # died_3 ran it alone
+    await q.mark_alone(entry.id, 3)  # died_3 ran its third delivery alone
     worker = make_worker(visibility_timeout_seconds=0.2)
     await worker.setup()
     await asyncio.sleep(0.3)
@@ -649,7 +649,7 @@ async def _orphan_beside_slow_entries(
     await q.ensure_group()
     (orphan,) = await q.read("dead", 1, None)
     if ran_alone:
-        await q.mark_alone(orphan.id)  # the dead worker ran it alone
+        await q.mark_alone(orphan.id, 1)  # the dead worker ran it alone
     rec.sleep_for = {"1": slow, "2": slow}
     worker = make_worker(concurrency=4, visibility_timeout_seconds=0.3)
     await publish(2, start=1)
@@ -1285,3 +1285,99 @@ async def test_a_slow_completion_flush_keeps_its_entries_claimed(
         await w2.stop()
         await w1.stop()
     assert rec.calls == [("0", 1)], rec.calls
+
+
+async def _die(worker: Any) -> None:
+    for t in [*worker._tasks, *worker._inflight.values()]:
+        t.cancel()  # the process dies: nothing runs any more, nothing is handed back
+    await asyncio.gather(*worker._tasks, *worker._inflight.values(), return_exceptions=True)
+    if worker._sweeper is not None:
+        worker._sweeper.cancel()
+
+
+async def test_a_mark_from_an_alone_run_that_failed_does_not_blame_a_later_retry(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """max_attempts 3. Delivery 1: beside a killer (dead worker). 2: an orphan, alone
+    (marked), fails transiently and is parked. 3: a due retry, beside others, when the
+    worker dies of something else. 4: its last delivery did not run alone, so it runs,
+    not dead-lettered on the mark delivery 2 left."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    rec.fail_times = {"0": 1}
+    w1 = make_worker(visibility_timeout_seconds=0.3, max_attempts=3)
+    await w1.start()
+    await eventually(lambda: _is(("0", 2) in rec.calls), timeout=5)
+    rec.sleep_for = {"0": 5.0}  # the retry is in flight when w1 dies
+    await eventually(lambda: _is(("0", 3) in rec.calls), timeout=5)
+    await _die(w1)
+    rec.sleep_for = {}
+    w2 = make_worker(consumer_name="w2", visibility_timeout_seconds=0.3, max_attempts=3)
+    await w2.setup()
+    await asyncio.sleep(0.4)
+    while await w2.run_once():
+        pass
+    assert await dead_letters(redis) == [], "dead-lettered unrun on a stale mark"
+    assert ("0", 4) in rec.calls
+
+
+async def test_an_alone_run_a_stop_cut_short_is_not_blamed(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """max_attempts 1. An orphan (delivery 2) runs alone, slowly; a stop cuts it short and
+    hands it back uncounted (1). That run did not crash: the next takeover runs it, not
+    dead-letters it as 'crashed or stalled' on the mark it left."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    rec.sleep_for = {"0": 3.0}
+    w1 = make_worker(visibility_timeout_seconds=0.3, max_attempts=1)
+    await w1.start()
+    await eventually(lambda: _is(("0", 2) in rec.calls), timeout=5)
+    await w1.stop(grace=0.2)
+    rec.sleep_for = {}
+    w2 = make_worker(consumer_name="w2", max_attempts=1)
+    await w2.setup()
+    while await w2.run_once():
+        pass
+    assert await dead_letters(redis) == [], "a deploy's cut-short run dead-lettered it"
+
+
+@pytest.mark.expect_loop_failures
+async def test_no_read_starts_while_an_orphan_is_being_marked(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """Reads failing (Redis flapping): the fetch loop is in its backoff, not reading, when
+    an orphan is found and marked (slowly here). The backoff must not end in a read while
+    the mark is set: what it brought would start beside the orphan."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    await publish(2, start=1)
+    rec.sleep_for = {"0": 1.0, "1": 1.0, "2": 1.0}
+    w = make_worker(concurrency=4, visibility_timeout_seconds=0.3)
+    real_read, real_mark = w.queue.read, w.queue.mark_alone
+    marking = asyncio.Event()
+
+    async def read(*a: Any) -> list[Entry]:
+        if not marking.is_set():
+            raise RedisConnectionError("connection reset")
+        return await real_read(*a)
+
+    async def mark_alone(*a: Any) -> None:
+        marking.set()
+        await asyncio.sleep(1.0)  # a slow SET while Redis recovers
+        await real_mark(*a)
+
+    w.queue.read = read  # type: ignore[method-assign,assignment]
+    w.queue.mark_alone = mark_alone  # type: ignore[method-assign,assignment]
+    await w.start()
+    try:
+        await eventually(lambda: _is(len(rec.calls) == 3 and rec.running == 0), timeout=30)
+    finally:
+        await w.stop()
+    assert rec.company["0"] == 1, rec.company

@@ -435,7 +435,8 @@ class Worker:
             self._draining = True
             return None
         orphan = self._held_orphan
-        await self.queue.mark_alone(orphan.id)  # if it fails, the orphan stays held
+        self._draining = True  # no read may start while the mark is set
+        await self.queue.mark_alone(orphan.id, orphan.deliveries)  # failing, it stays held
         self._held_orphan = None
         self._draining = False
         return orphan
@@ -472,7 +473,8 @@ class Worker:
         return await self._with_alone_mark(taken[0])
 
     async def _with_alone_mark(self, orphan: Entry) -> Entry:
-        return replace(orphan, killed_alone=await self.queue.take_alone_mark(orphan.id))
+        mark = await self.queue.take_alone_mark(orphan.id, orphan.deliveries)
+        return replace(orphan, killed_alone=mark)
 
     async def _pending_pages(
         self, scan: str, min_idle_ms: int, page: int, consumer: str | None

@@ -273,14 +273,18 @@ class StreamQueue:
             moved += int(await self.redis.eval(_HAND_OVER_SCRIPT, 1, self.stream, *args))
         return moved
 
-    async def mark_alone(self, entry_id: str) -> None:
-        """Record that this orphan now runs alone (see Entry.killed_alone)."""
-        await self.redis.set(alone_key(entry_id, self.queue), b"1", ex=ALONE_MARK_TTL_SECONDS)
+    async def mark_alone(self, entry_id: str, deliveries: int) -> None:
+        """Record that this delivery of an orphan runs alone (see Entry.killed_alone)."""
+        await self.redis.set(
+            alone_key(entry_id, self.queue), str(deliveries), ex=ALONE_MARK_TTL_SECONDS
+        )
 
-    async def take_alone_mark(self, entry_id: str) -> bool:
-        """Whether the entry's last delivery ran alone (with no outcome since, as it is an
-        orphan again); the mark is cleared, to be set again only if it runs alone again."""
-        return await self.redis.getdel(alone_key(entry_id, self.queue)) is not None
+    async def take_alone_mark(self, entry_id: str, deliveries: int) -> bool:
+        """At a takeover that made `deliveries`: whether the delivery just before it ran
+        alone. A mark of an earlier delivery (one that ended in a retry, or that a stop
+        handed back uncounted) does not count. The mark is cleared either way."""
+        mark = await self.redis.getdel(alone_key(entry_id, self.queue))
+        return mark is not None and int(mark) == deliveries - 1
 
     async def ack(self, ids: list[str]) -> None:
         if ids:
