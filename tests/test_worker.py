@@ -453,7 +453,7 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     client: Any = redis
     for name in ("died_2", "died_3"):  # two more workers took it over and died
         await client.xclaim(STREAM, CONSUMER_GROUP, name, 0, [entry.id])
-    await q.mark_alone(entry.id, 3)  # died_3 ran its third delivery alone
+    await q.mark_alone("died_3", entry.id, 3)  # died_3 ran its third delivery alone
     worker = make_worker(visibility_timeout_seconds=0.2)
     await worker.setup()
     await asyncio.sleep(0.3)
@@ -649,7 +649,7 @@ async def _orphan_beside_slow_entries(
     await q.ensure_group()
     (orphan,) = await q.read("dead", 1, None)
     if ran_alone:
-        await q.mark_alone(orphan.id, 1)  # the dead worker ran it alone
+        await q.mark_alone("dead", orphan.id, 1)  # the dead worker ran it alone
     rec.sleep_for = {"1": slow, "2": slow}
     worker = make_worker(concurrency=4, visibility_timeout_seconds=0.3)
     await publish(2, start=1)
@@ -1368,10 +1368,10 @@ async def test_no_read_starts_while_an_orphan_is_being_marked(
             raise RedisConnectionError("connection reset")
         return await real_read(*a)
 
-    async def mark_alone(*a: Any) -> None:
+    async def mark_alone(*a: Any) -> bool:
         marking.set()
         await asyncio.sleep(1.0)  # a slow SET while Redis recovers
-        await real_mark(*a)
+        return await real_mark(*a)
 
     w.queue.read = read  # type: ignore[method-assign,assignment]
     w.queue.mark_alone = mark_alone  # type: ignore[method-assign,assignment]
@@ -1381,3 +1381,61 @@ async def test_no_read_starts_while_an_orphan_is_being_marked(
     finally:
         await w.stop()
     assert rec.company["0"] == 1, rec.company
+
+
+@pytest.mark.expect_loop_failures
+async def test_an_orphan_that_ended_alone_is_not_blamed_when_its_completion_is_lost(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+) -> None:
+    """max_attempts 1. An orphan (delivery 2) runs alone and completes, but its completion
+    cannot be recorded (Postgres refuses) before its worker dies. It did not take the
+    worker down: the next takeover runs it again (idempotent), not dead-letters it."""
+
+    class RefusingPool:
+        async def execute(self, query: str, *args: Any) -> Any:
+            if "completed_at = now()" in query:
+                raise ConnectionError("Postgres is down")
+            return await pool.execute(query, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pool, name)
+
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    await q.read("dead", 1, None)
+    w1 = make_worker(visibility_timeout_seconds=0.3, max_attempts=1)
+    w1.pool = RefusingPool()  # type: ignore[assignment]
+    await w1.start()
+    await eventually(lambda: _is(("0", 2) in rec.calls and rec.running == 0), timeout=5)
+    await asyncio.sleep(0.1)  # its completion fails to be recorded
+    await _die(w1)
+    w2 = make_worker(consumer_name="w2", visibility_timeout_seconds=0.3, max_attempts=1)
+    await w2.setup()
+    await asyncio.sleep(0.4)
+    while await w2.run_once():
+        pass
+    assert await dead_letters(redis) == []
+    assert ("0", 3) in rec.calls
+
+
+async def test_an_orphan_whose_claim_lapsed_is_not_marked_by_the_worker_that_lost_it(
+    redis: aioredis.Redis, publish: Any
+) -> None:
+    """In an outage longer than the visibility timeout a held orphan's claim lapses and
+    another worker takes it over: the worker that lost it must neither mark it (the other
+    worker's takeover would then blame it) nor run it."""
+    await publish(1)
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    (entry,) = await q.read("w1", 1, None)
+    client: Any = redis
+    await client.xclaim(STREAM, CONSUMER_GROUP, "other", 0, [entry.id])
+    assert await q.mark_alone("w1", entry.id, 1) is False
+    assert await q.take_alone_mark(entry.id, 2) is False
+    assert await q.mark_alone("other", entry.id, 2) is True
+    assert await q.take_alone_mark(entry.id, 3) is True

@@ -436,8 +436,12 @@ class Worker:
             return None
         orphan = self._held_orphan
         self._draining = True  # no read may start while the mark is set
-        await self.queue.mark_alone(orphan.id, orphan.deliveries)  # failing, it stays held
+        # Failing (Redis down), it stays held; lost meanwhile, another worker runs it.
+        held = await self.queue.mark_alone(self.consumer, orphan.id, orphan.deliveries)
         self._held_orphan = None
+        if not held:
+            self._reclaim_now.set()  # the next orphan, if any; else back to new work
+            return None
         self._draining = False
         return orphan
 
@@ -526,6 +530,10 @@ class Worker:
         taken over after the visibility timeout. Log it; never lose the traceback."""
         try:
             await self._run_entry(entry)
+            if self._orphan is not None and self._orphan.id == entry.id:
+                # Its run alone ended with an outcome: if its completion is never
+                # recorded, the next takeover must not take it for the killer.
+                await self.queue.clear_alone_mark(entry.id)
         except asyncio.CancelledError:
             raise
         except Exception:

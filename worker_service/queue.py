@@ -81,6 +81,17 @@ return moved
 """
 
 
+# KEYS: stream, alone mark. ARGV: group, consumer, entry id, deliveries, TTL. The claim's
+# renewal and the mark, only if the consumer still holds the entry.
+_MARK_ALONE_SCRIPT = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     id: str
@@ -273,11 +284,27 @@ class StreamQueue:
             moved += int(await self.redis.eval(_HAND_OVER_SCRIPT, 1, self.stream, *args))
         return moved
 
-    async def mark_alone(self, entry_id: str, deliveries: int) -> None:
-        """Record that this delivery of an orphan runs alone (see Entry.killed_alone)."""
-        await self.redis.set(
-            alone_key(entry_id, self.queue), str(deliveries), ex=ALONE_MARK_TTL_SECONDS
+    async def mark_alone(self, consumer: str, entry_id: str, deliveries: int) -> bool:
+        """Record that this delivery of an orphan runs alone (see Entry.killed_alone), and
+        renew the claim, if `consumer` still holds the entry; False if it lost it (its
+        claim lapsed in an outage longer than the visibility timeout and another worker
+        took the entry over: that one runs it)."""
+        marked = await self.redis.eval(
+            _MARK_ALONE_SCRIPT,
+            2,
+            self.stream,
+            alone_key(entry_id, self.queue),
+            self.group,
+            consumer,
+            entry_id,
+            str(deliveries),
+            ALONE_MARK_TTL_SECONDS,
         )
+        return bool(marked)
+
+    async def clear_alone_mark(self, entry_id: str) -> None:
+        """The orphan's run alone ended with an outcome: it did not take its worker down."""
+        await self.redis.delete(alone_key(entry_id, self.queue))
 
     async def take_alone_mark(self, entry_id: str, deliveries: int) -> bool:
         """At a takeover that made `deliveries`: whether the delivery just before it ran
