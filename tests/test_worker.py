@@ -123,6 +123,34 @@ class Recorder:
             self.calls.append(("quick", ctx.attempt))
 
 
+class StalledCompletions:
+    """A pool whose completion UPDATE waits for `release` (Postgres hanging on it), or
+    fails at once with refuse=True (Postgres down); every other call goes through."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], *, refuse: bool = False) -> None:
+        self.pool = pool
+        self.refuse = refuse
+        self.release = asyncio.Event()
+
+    async def execute(self, query: str, *args: Any) -> Any:
+        if "completed_at = now()" in query:
+            if self.refuse:
+                raise ConnectionError("Postgres is down")
+            await self.release.wait()
+        return await self.pool.execute(query, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+async def delivered_to(redis: aioredis.Redis, consumer: str, n: int) -> list[Entry]:
+    """The stream's next n entries, delivered to `consumer` (a worker that then died or
+    restarted); the group made first if missing."""
+    q = StreamQueue(redis, "default")
+    await q.ensure_group()
+    return await q.read(consumer, n, None)
+
+
 def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSettings:
     base: dict[str, Any] = {
         "database_url": pg.dsn,
@@ -404,9 +432,7 @@ async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(10)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    taken = await q.read("crashed", 10, None)  # delivered to a worker that then died
+    taken = await delivered_to(redis, "crashed", 10)  # delivered to a worker that then died
     assert len(taken) == 10
     worker = make_worker(visibility_timeout_seconds=0.5)
     await worker.setup()
@@ -426,9 +452,7 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
     """XDEL (or a trim) of an entry a dead worker held: taking it over must clear it from
     the pending list, or it is claimed again forever and trimming stops at it."""
     await publish(2)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    taken = await q.read("crashed", 2, None)
+    taken = await delivered_to(redis, "crashed", 2)
     client: Any = redis
     await client.xdel(STREAM, taken[0].id)
     worker = make_worker(visibility_timeout_seconds=0.2)
@@ -473,9 +497,7 @@ async def test_an_orphan_past_its_attempts_that_never_ran_alone_runs_alone_first
     alone, so it may not be what killed the worker. It runs (alone), it is not
     dead-lettered as the killer."""
     await publish(2)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    beside, _ = await q.read("w1", 2, None)
+    beside, _ = await delivered_to(redis, "w1", 2)
     client: Any = redis
     await client.xclaim(STREAM, CONSUMER_GROUP, "w1", 0, [beside.id], retrycount=3, justid=True)
     worker = make_worker(max_attempts=3)
@@ -588,9 +610,7 @@ async def test_restarted_consumer_reads_its_own_pending_first(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     await publish(4)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("w1", 4, None)  # w1 took them, then its container restarted
+    await delivered_to(redis, "w1", 4)  # w1 took them, then its container restarted
     worker = make_worker()
     await worker.start()
     try:
@@ -607,9 +627,7 @@ async def test_a_restart_runs_its_own_pending_entries_alone_before_new_ones(
     """What the consumer held when its process died may include the entry that killed
     it: each runs alone, and new entries wait until they are done."""
     await publish(4)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("w1", 4, None)  # w1 took them, then its container restarted
+    await delivered_to(redis, "w1", 4)  # w1 took them, then its container restarted
     await publish(4, start=4)  # new entries, not yet read
     rec.sleep = 0.05
     worker = make_worker(concurrency=4)
@@ -710,9 +728,7 @@ async def test_a_read_under_way_when_an_orphan_is_taken_is_waited_for(
     """An idle worker waits in XREADGROUP BLOCK when it finds an orphan: what that read
     brings must not start beside the orphan, so the orphan waits for the read."""
     await publish(1)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     rec.sleep_for = {"0": 1.0}
     worker = make_worker(concurrency=4, visibility_timeout_seconds=0.5, block_ms=2000)
     await worker.start()
@@ -731,9 +747,7 @@ async def test_a_handler_that_ignores_its_timeout_does_not_hold_an_orphan_back(
     """A handler cancelled by its timeout that does not give way must not keep the orphan
     (and the worker's reading) waiting for ever."""
     await publish(1, start=5)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     await publish(1, task="stubborn")
     worker = make_worker(visibility_timeout_seconds=0.5)
     await worker.start()
@@ -774,9 +788,7 @@ async def test_an_own_orphan_whose_outcome_cannot_be_recorded_holds_up_nothing(
     (taken over after the visibility timeout, as any entry whose bookkeeping failed): it
     is not read again at once, in a loop, while new work waits."""
     await publish(1, task="permanent")
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    (entry,) = await q.read("w1", 1, None)  # w1 held it, then its container restarted
+    (entry,) = await delivered_to(redis, "w1", 1)  # w1 held it, then its container restarted
     await publish(3, start=10)
     worker = make_worker()
 
@@ -803,20 +815,10 @@ async def test_a_stop_keeps_its_grace_while_an_acknowledgement_hangs(
 ) -> None:
     """Postgres hanging on the completion UPDATE of the ack loop's flush: the stop still
     ends within its grace (the entries stay pending and are taken over later)."""
-    release = asyncio.Event()
-
-    class HangingPool:
-        async def execute(self, query: str, *args: Any) -> Any:
-            if "completed_at = now()" in query:
-                await release.wait()
-            return await pool.execute(query, *args)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(pool, name)
-
+    stalled = StalledCompletions(pool)
     await publish(1)
     worker = make_worker()
-    worker.pool = HangingPool()  # type: ignore[assignment]
+    worker.pool = stalled  # type: ignore[assignment]
     await worker.start()
     await eventually(lambda: _is(len(rec.calls) == 1))
     await asyncio.sleep(0.1)  # the ack loop is in its flush
@@ -825,7 +827,7 @@ async def test_a_stop_keeps_its_grace_while_an_acknowledgement_hangs(
         await asyncio.wait_for(worker.stop(grace=1.0), 10)
     finally:
         stopped_in = time.monotonic() - started
-        release.set()
+        stalled.release.set()
     await eventually(lambda: _pending_is(redis, 0))  # the flush went on once released
     assert stopped_in < 3
 
@@ -968,9 +970,8 @@ async def test_gone_consumers_holding_nothing_are_removed(
     rec: Recorder,
 ) -> None:
     await publish(1)
+    await delivered_to(redis, "holder", 1)
     q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("holder", 1, None)
     client: Any = redis
     await client.xgroup_createconsumer(STREAM, CONSUMER_GROUP, "idle")
     await asyncio.sleep(0.05)
@@ -1095,9 +1096,7 @@ async def test_an_orphan_that_ignores_its_timeout_does_not_stall_the_worker(
 ) -> None:
     """The orphan itself times out and does not give way: new work must still run."""
     await publish(1, task="stubborn")
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     worker = make_worker(visibility_timeout_seconds=0.5)
     await worker.start()
     try:
@@ -1131,9 +1130,7 @@ async def test_a_held_orphan_runs_as_soon_as_the_last_live_handler_ends(
     the second reclaim pass (3 s) finds the orphan (idle past 1 s) and holds it. When the
     slow one ends (4 s), the orphan runs at once, not at the next pass (6 s)."""
     await publish(1)  # "0": the orphan
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     await publish(1, task="stubborn")
     await publish(1, start=1)
     rec.sleep_for = {"1": 4.0}
@@ -1158,9 +1155,7 @@ async def test_an_orphan_is_recorded_before_the_next_orphan_starts(
     """Own orphans E then K after a restart. If K kills the process the moment it starts,
     E's outcome must already be recorded, or E runs again (and its count grows with K's)."""
     await publish(2)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    e, _ = await q.read("w1", 2, None)  # w1 held both, then its process died
+    e, _ = await delivered_to(redis, "w1", 2)  # w1 held both, then its process died
     worker = make_worker()
     snapshot: list[tuple[bool, bool]] = []
     orig = rec.router.get("t")
@@ -1190,9 +1185,7 @@ async def test_a_read_that_fails_wakes_the_held_orphan(
     """The orphan is held while a read is under way; the read fails (a connection reset):
     the orphan runs then, not at the next reclaim pass (3 s later)."""
     await publish(1)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     worker = make_worker(visibility_timeout_seconds=1.0, reclaim_interval_seconds=3, block_ms=5000)
     real_read = worker.queue.read
     failed: list[float] = []
@@ -1222,21 +1215,11 @@ async def test_a_stop_keeps_its_grace_when_a_second_batch_waits_behind_a_hung_fl
     rec: Recorder,
     make_worker: MakeWorker,
 ) -> None:
-    release = asyncio.Event()
-
-    class HangingPool:
-        async def execute(self, query: str, *args: Any) -> Any:
-            if "completed_at = now()" in query:
-                await release.wait()
-            return await pool.execute(query, *args)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(pool, name)
-
+    stalled = StalledCompletions(pool)
     await publish(2)
     rec.sleep_for = {"1": 0.3}  # completes after the first flush has started (and hung)
     worker = make_worker()
-    worker.pool = HangingPool()  # type: ignore[assignment]
+    worker.pool = stalled  # type: ignore[assignment]
     await worker.start()
     await eventually(lambda: _is(len(rec.calls) == 2 and rec.running == 0))
     await asyncio.sleep(0.1)
@@ -1245,7 +1228,7 @@ async def test_a_stop_keeps_its_grace_when_a_second_batch_waits_behind_a_hung_fl
     stopping = asyncio.create_task(worker.stop(grace=1.0))
     done, _ = await asyncio.wait([stopping], timeout=6)
     stopped_in = time.monotonic() - started
-    release.set()
+    stalled.release.set()
     await stopping
     assert done and stopped_in < 3, f"stop(grace=1) took {stopped_in:.1f} s"
 
@@ -1260,20 +1243,10 @@ async def test_a_slow_completion_flush_keeps_its_entries_claimed(
     """Postgres slow on the completion UPDATE (a lock, a failover) for longer than the
     visibility timeout: the entries of the batch under way are neither renewed nor seen as
     held, so they are taken over as orphans and run again though they completed."""
-    release = asyncio.Event()
-
-    class SlowPool:
-        async def execute(self, query: str, *args: Any) -> Any:
-            if "completed_at = now()" in query:
-                await release.wait()
-            return await pool.execute(query, *args)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(pool, name)
-
+    stalled = StalledCompletions(pool)
     await publish(1)
     w1 = make_worker(visibility_timeout_seconds=0.6)
-    w1.pool = SlowPool()  # type: ignore[assignment]
+    w1.pool = stalled  # type: ignore[assignment]
     await w1.start()
     await eventually(lambda: _is(len(rec.calls) == 1))
     w2 = make_worker(consumer_name="w2", visibility_timeout_seconds=0.6)
@@ -1281,7 +1254,7 @@ async def test_a_slow_completion_flush_keeps_its_entries_claimed(
     try:
         await asyncio.sleep(1.5)  # the flush is still under way
     finally:
-        release.set()
+        stalled.release.set()
         await w2.stop()
         await w1.stop()
     assert rec.calls == [("0", 1)], rec.calls
@@ -1303,9 +1276,7 @@ async def test_a_mark_from_an_alone_run_that_failed_does_not_blame_a_later_retry
     worker dies of something else. 4: its last delivery did not run alone, so it runs,
     not dead-lettered on the mark delivery 2 left."""
     await publish(1)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     rec.fail_times = {"0": 1}
     w1 = make_worker(visibility_timeout_seconds=0.3, max_attempts=3)
     await w1.start()
@@ -1330,9 +1301,7 @@ async def test_an_alone_run_a_stop_cut_short_is_not_blamed(
     hands it back uncounted (1). That run did not crash: the next takeover runs it, not
     dead-letters it as 'crashed or stalled' on the mark it left."""
     await publish(1)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     rec.sleep_for = {"0": 3.0}
     w1 = make_worker(visibility_timeout_seconds=0.3, max_attempts=1)
     await w1.start()
@@ -1354,9 +1323,7 @@ async def test_no_read_starts_while_an_orphan_is_being_marked(
     an orphan is found and marked (slowly here). The backoff must not end in a read while
     the mark is set: what it brought would start beside the orphan."""
     await publish(1)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     await publish(2, start=1)
     rec.sleep_for = {"0": 1.0, "1": 1.0, "2": 1.0}
     w = make_worker(concurrency=4, visibility_timeout_seconds=0.3)
@@ -1395,21 +1362,10 @@ async def test_an_orphan_that_ended_alone_is_not_blamed_when_its_completion_is_l
     cannot be recorded (Postgres refuses) before its worker dies. It did not take the
     worker down: the next takeover runs it again (idempotent), not dead-letters it."""
 
-    class RefusingPool:
-        async def execute(self, query: str, *args: Any) -> Any:
-            if "completed_at = now()" in query:
-                raise ConnectionError("Postgres is down")
-            return await pool.execute(query, *args)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(pool, name)
-
     await publish(1)
-    q = StreamQueue(redis, "default")
-    await q.ensure_group()
-    await q.read("dead", 1, None)
+    await delivered_to(redis, "dead", 1)
     w1 = make_worker(visibility_timeout_seconds=0.3, max_attempts=1)
-    w1.pool = RefusingPool()  # type: ignore[assignment]
+    w1.pool = StalledCompletions(pool, refuse=True)  # type: ignore[assignment]
     await w1.start()
     await eventually(lambda: _is(("0", 2) in rec.calls and rec.running == 0), timeout=5)
     await asyncio.sleep(0.1)  # its completion fails to be recorded
