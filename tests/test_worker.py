@@ -22,6 +22,7 @@ from relay.settings import RelaySettings
 from shared.constants import (
     CONSUMER_GROUP,
     RETRY_PARKING_CONSUMER,
+    alone_key,
     dead_letter_key,
     dedupe_key,
     stream_key,
@@ -1395,3 +1396,25 @@ async def test_an_orphan_whose_claim_lapsed_is_not_marked_by_the_worker_that_los
     assert await q.take_alone_mark(entry.id, 2) is False
     assert await q.mark_alone("other", entry.id, 2) is True
     assert await q.take_alone_mark(entry.id, 3) is True
+
+
+async def test_a_stop_clears_the_mark_of_an_orphan_it_cut_short(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """An orphan running alone (marked at delivery 2) ignores its timeout, then a stop
+    cuts it short and hands it back uncounted (1): its next deliveries count 2 again, so
+    the mark must go, or a crash of another entry beside that retry would blame it."""
+    await publish(1, task="stubborn")
+    (orphan,) = await delivered_to(redis, "dead", 1)
+    worker = make_worker(visibility_timeout_seconds=0.3)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(bool(worker._timed_out)), timeout=5)
+        await worker.stop(grace=0.3)
+    finally:
+        rec.released = True
+    owner = await _owner(redis, orphan.id)
+    assert owner is not None
+    assert owner[1] == 1  # handed back uncounted
+    client: Any = redis
+    assert await client.exists(alone_key(orphan.id)) == 0

@@ -235,6 +235,10 @@ class Worker:
                 due_now=True,
                 deliveries=uncounted,
             )
+        with contextlib.suppress(Exception):
+            # Handed back uncounted, a delivery's count comes round again: the mark of an
+            # orphan cut short (its timeout may have ended its isolation) must not match it.
+            await self.queue.clear_alone_marks(stuck)
         await self._shutdown_app()
         logger.info("worker_stopped", extra={"consumer": self.consumer})
 
@@ -533,7 +537,7 @@ class Worker:
             if self._orphan is not None and self._orphan.id == entry.id:
                 # Its run alone ended with an outcome: if its completion is never
                 # recorded, the next takeover must not take it for the killer.
-                await self.queue.clear_alone_mark(entry.id)
+                await self.queue.clear_alone_marks([entry.id])
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -302,9 +302,11 @@ class StreamQueue:
         )
         return bool(marked)
 
-    async def clear_alone_mark(self, entry_id: str) -> None:
-        """The orphan's run alone ended with an outcome: it did not take its worker down."""
-        await self.redis.delete(alone_key(entry_id, self.queue))
+    async def clear_alone_marks(self, ids: list[str]) -> None:
+        """These entries' runs ended without taking their worker down (an outcome, or a
+        stop's hand-back): a mark left would blame a later delivery."""
+        if ids:
+            await self.redis.delete(*(alone_key(entry_id, self.queue) for entry_id in ids))
 
     async def take_alone_mark(self, entry_id: str, deliveries: int) -> bool:
         """At a takeover that made `deliveries`: whether the delivery just before it ran
