@@ -308,6 +308,21 @@ class Worker:
             or any(eid not in self._timed_out for eid in self._inflight)
         )
 
+    def _holding(self) -> set[str]:
+        """The entries this worker holds: running, completed but not yet acknowledged, and
+        the orphan it waits to run. Their claims are renewed; they are no orphans."""
+        held = set(self._inflight) | {sid for sid, _ in self._acks} | self._flushing
+        if self._held_orphan is not None:
+            held.add(self._held_orphan.id)
+        return held
+
+    def _end_orphan_run(self) -> None:
+        """The orphan's run is over (or its timeout gave up on it): before new work, the
+        next pass looks for another orphan."""
+        self._orphan = None
+        self._draining = True
+        self._reclaim_now.set()
+
     def _wake_if_drained(self) -> None:
         """A held orphan may run now: the next reclaim pass, at once."""
         if self._draining and not self._busy():
@@ -353,11 +368,7 @@ class Worker:
 
     async def _heartbeat_step(self) -> None:
         await self._pause(self.settings.heartbeat_interval, self._closing)
-        held = [self._held_orphan.id] if self._held_orphan is not None else []
-        await self.queue.renew(
-            self.consumer,
-            [*self._inflight, *(a[0] for a in self._acks), *self._flushing, *held],
-        )
+        await self.queue.renew(self.consumer, list(self._holding()))
 
     async def _reclaim_step(self) -> None:
         await self._pause(self.settings.reclaim_interval_seconds, self._reclaim_now)
@@ -462,7 +473,7 @@ class Worker:
         # or a claim renewal raced with parking: whatever this worker is not running or
         # acknowledging, it has abandoned. The scan pages (see RECLAIM_SCAN_PAGES): parked
         # retries with long backoffs are idle too and must not hide a dead worker's entries.
-        held = set(self._inflight) | {sid for sid, _ in self._acks} | self._flushing
+        held = self._holding()
         vt_ms = int(self.settings.visibility_timeout_seconds * 1000)
         found: PendingInfo | None = None
         silent = self._pending_pages("silent", vt_ms, len(held) + 16, None)
@@ -521,10 +532,7 @@ class Worker:
         self._inflight.pop(entry_id, None)
         self._deliveries.pop(entry_id, None)
         if self._orphan is not None and entry_id == self._orphan.id:
-            # Another orphan may wait: the next pass looks before new work is taken.
-            self._orphan = None
-            self._draining = True
-            self._reclaim_now.set()
+            self._end_orphan_run()
         else:
             self._wake_if_drained()
         self._slot_free.set()
@@ -665,10 +673,9 @@ class Worker:
                     self._timed_out.add(entry_id)
                     task.cancel()
                     if self._orphan is not None and self._orphan.id == entry_id:
-                        # It may not give way: the worker must not wait on it for ever.
-                        self._orphan = None
-                        self._draining = True
-                    self._wake_if_drained()
+                        self._end_orphan_run()  # it may not give way: do not wait on it
+                    else:
+                        self._wake_if_drained()
                 else:
                     soonest = min(soonest, deadline)
             await asyncio.sleep(soonest - now)

@@ -41,27 +41,15 @@ if KEYS[3] then redis.call('SET', KEYS[3], id, 'XX', 'KEEPTTL') end
 return id
 """
 
-RENEW_CHUNK = 500  # ids per renewal script: a few ms of Redis each
+RENEW_CHUNK = 500  # ids per hand-over script: a few ms of Redis each
 # How long the mark of an orphan running alone lasts: until its next takeover (within the
 # visibility timeout, or at a restart); expired, the orphan gets one more run alone.
 ALONE_MARK_TTL_SECONDS = 86_400
-# KEYS: stream. ARGV: group, consumer, ids. XCLAIM ... JUSTID of each id the consumer still
-# holds, checked in the same script so that no takeover slips in between.
-_RENEW_SCRIPT = """
-local renewed = 0
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    renewed = renewed + 1
-  end
-end
-return renewed
-"""
 
-# Hands entries over to another consumer (the parking one, or the same one to leave them
-# idle), only those `owner` still holds: one another worker took over meanwhile (this one
-# stalled past the visibility timeout) stays where it is, or both would run it.
+# Hands entries over to a consumer (the parking one; or the same one, to renew its claims
+# with idle 0 or to leave them idle), only those `owner` still holds, checked in the same
+# script so that no takeover slips in between: one another worker took over meanwhile
+# (this one stalled past the visibility timeout) stays where it is, or both would run it.
 # ARGV: group, owner, new owner, idle ms, then (entry id, delivery count or -1) pairs.
 _HAND_OVER_SCRIPT = """
 local moved = 0
@@ -233,13 +221,7 @@ class StreamQueue:
         counted); how many. An entry another worker took over (this one stalled past the
         visibility timeout) or that was parked for a retry is left where it is: a plain
         XCLAIM would take it back, and two workers would run it."""
-        renewed = 0
-        for i in range(0, len(ids), RENEW_CHUNK):  # a script blocks Redis while it runs
-            chunk = ids[i : i + RENEW_CHUNK]
-            renewed += int(
-                await self.redis.eval(_RENEW_SCRIPT, 1, self.stream, self.group, consumer, *chunk)
-            )
-        return renewed
+        return await self._hand_over(consumer, consumer, ids, False, None)
 
     async def park_for_retry(
         self,
