@@ -196,6 +196,25 @@ async def back_to_back_tx_times(stack: Stack, samples: int) -> list[float]:
     return out
 
 
+async def round_trip_times(stack: Stack, samples: int, spacing: float) -> list[float]:
+    """`SELECT 1` on one connection, `spacing` seconds apart (0: each sent as soon as the
+    last returned): what waking an idle Postgres backend and this process costs the host,
+    with no work in between."""
+    conn = await asyncpg.connect(stack.dsn)
+    out: list[float] = []
+    try:
+        for i in range(samples + 5):
+            if spacing:
+                await asyncio.sleep(spacing)
+            t = time.perf_counter()
+            await conn.fetchval("SELECT 1")
+            if i >= 5:
+                out.append(time.perf_counter() - t)
+    finally:
+        await conn.close()
+    return out
+
+
 async def pooled_tx_times(stack: Stack, samples: int, reset: bool) -> list[float]:
     """The API's signup statement through an asyncpg pool like the API's (one connection,
     so every sample reuses it), with the pool's default reset on release or none."""
@@ -439,6 +458,9 @@ async def run(
     b2b_count = 4 * idle_count
     b2b_tx_med = percentile(await back_to_back_tx_times(stack, b2b_count), 50)
     log(f"  bare signup statement back to back p50 {b2b_tx_med * 1000:.2f} ms")
+    rt_idle = percentile(await round_trip_times(stack, 40, 0.05), 50)
+    rt_b2b = percentile(await round_trip_times(stack, 200, 0), 50)
+    log(f"  SELECT 1 p50 {rt_idle * 1000:.3f} ms 50 ms apart, {rt_b2b * 1000:.3f} ms back to back")
     await stack.reset()
 
     api = stack.service("api", **CHEAP_ARGON2)
@@ -511,6 +533,8 @@ async def run(
         "pooled_tx_ms_median_default_reset": pool_reset * 1000,
         "pooled_tx_ms_median_no_reset": pool_plain * 1000,
         "bare_chain_ms_p50_p95_p99": bare3,
+        "select1_ms_p50_idle": rt_idle * 1000,
+        "select1_ms_p50_back_to_back": rt_b2b * 1000,
         "idle_http_ms_p50": idle_http_med * 1000,
         "idle_server_side_ms_mean": server_mean * 1000,
         "idle_e2e_ms_p50_p95_p99": triple(idle_e2e),
@@ -565,6 +589,17 @@ async def run(
             note=f"{b2b_count} signups from one client, each sent when the last is answered:"
             f" client HTTP p50 {b2b_http_med * 1000:.2f} - hash {cheap_med * 1000:.2f} ms;"
             f" the API's own histogram: mean {b2b_server_mean * 1000:.2f} ms",
+        )
+    )
+    res.figures.append(
+        Figure(
+            STAGE,
+            "host: one Postgres round trip (SELECT 1), 50 ms apart",
+            rt_idle * 1000,
+            "ms",
+            rt_b2b * 1000,
+            "the same, back to back",
+            note="no project code: the cost of waking an idle backend and client on this host",
         )
     )
     res.figures.append(
