@@ -59,7 +59,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         type=Path,
         default=None,
-        help="py-spy flame graphs of the relay and worker drains into this folder",
+        help="py-spy flame graphs of the relay and worker drains, and of the three services"
+        " during the end-to-end stage, into this folder",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary server folder")
     return p.parse_args(argv)

@@ -72,17 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         env.setdefault("PUBLIC_BASE_URL", f"http://localhost:{api_port}")
         env.setdefault("METRICS_HOST", "127.0.0.1")
         asyncio.run(migrate(env["DATABASE_URL"]))
-        for name, port in (("api", None), ("relay", 9101), ("worker", 9102)):
+        metrics_ports = {
+            name: env.get(f"DEV_{name.upper()}_METRICS_PORT", str(default))
+            for name, default in (("relay", 9101), ("worker", 9102))
+        }
+        for name in ("api", "relay", "worker"):
             child_env = dict(env)
-            if port is not None:
-                child_env["METRICS_PORT"] = env.get(f"DEV_{name.upper()}_METRICS_PORT", str(port))
+            if name in metrics_ports:
+                child_env["METRICS_PORT"] = metrics_ports[name]
             services.append(ServiceProcess(name, child_env, None).start())
         print(
             "\n"
             f"  API:        http://localhost:{api_port}   (OpenAPI at /openapi.json)\n"
             f"  Mail:       {data / 'mail'}/*.eml\n"
-            f"  Metrics:    http://localhost:{api_port}/metrics, http://localhost:9101/metrics,"
-            " http://localhost:9102/metrics\n"
+            f"  Metrics:    http://localhost:{api_port}/metrics,"
+            f" http://localhost:{metrics_ports['relay']}/metrics,"
+            f" http://localhost:{metrics_ports['worker']}/metrics\n"
             "  Stop:       Ctrl-C\n",
             flush=True,
         )

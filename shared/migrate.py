@@ -10,12 +10,15 @@ import asyncio
 import logging
 import os
 import re
-import sys
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import logs
+from shared.entrypoint import config_error, load_settings
 from shared.errors import ConfigError
 from shared.settings import PostgresUrl
 
@@ -23,6 +26,15 @@ logger = logging.getLogger(__name__)
 
 _LOCK_KEY = 727_001  # arbitrary, constant: the advisory lock that serialises migrators
 _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+
+
+class MigrateSettings(BaseSettings):
+    """What `python -m shared.migrate` reads (MIGRATIONS_DIR: see migrations_dir())."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    database_url: PostgresUrl = Field(description="Postgres DSN, the source of truth.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 def migrations_dir() -> Path:
@@ -73,15 +85,12 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
 
 
 def main() -> None:
-    logs.setup("migrate", os.environ.get("LOG_LEVEL", "INFO"))
-    from pydantic import TypeAdapter, ValidationError
-
+    cfg = load_settings("migrate", MigrateSettings)
+    logs.setup("migrate", cfg.log_level)
     try:
-        dsn = TypeAdapter(PostgresUrl).validate_python(os.environ.get("DATABASE_URL", ""))
-    except ValidationError as e:
-        print(f"invalid configuration: DATABASE_URL: {e.errors()[0]['msg']}", file=sys.stderr)
-        raise SystemExit(2) from None
-    applied = asyncio.run(migrate(dsn))
+        applied = asyncio.run(migrate(cfg.database_url, migrations_dir()))
+    except ConfigError as e:  # a misnamed migration file
+        config_error("migrate", e)
     logger.info("migrations_done", extra={"applied": applied})
 
 

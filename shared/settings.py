@@ -74,6 +74,8 @@ def load(cls: type[SettingsT]) -> SettingsT:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            name = "_".join(str(p) for p in err["loc"]).upper() or "?"
-            problems.append(f"{name}: {err['msg']}")
+            name = "_".join(str(p) for p in err["loc"]).upper()
+            # A check across fields (a model validator) has no location: its message
+            # names the variables itself.
+            problems.append(f"{name}: {err['msg']}" if name else err["msg"])
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -17,12 +17,19 @@ from relay.settings import RelaySettings
 from shared import settings
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
+from shared.migrate import MigrateSettings
 from worker_service.app import VerifyEmailSettings
 from worker_service.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"DATABASE_URL": "postgresql://u@db:5432/x", "REDIS_URL": "redis://r:6379/0"}
-ALL: list[type[BaseSettings]] = [ApiSettings, RelaySettings, WorkerSettings, VerifyEmailSettings]
+ALL: list[type[BaseSettings]] = [
+    ApiSettings,
+    RelaySettings,
+    WorkerSettings,
+    VerifyEmailSettings,
+    MigrateSettings,
+]
 
 
 def env_names(cls: type[BaseSettings]) -> list[str]:
@@ -101,6 +108,35 @@ def test_services_exit_2_with_a_one_line_message(module: str) -> None:
     assert out.returncode == 2
     assert "DATABASE_URL" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("module", ["api_service", "relay", "worker_service", "shared.migrate"])
+def test_a_bad_log_level_is_a_configuration_error(module: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", **GOOD, "LOG_LEVEL": "LOUD"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "LOG_LEVEL" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_check_across_settings_names_its_variables_without_a_placeholder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {**GOOD, "RELAY_DEDUPE_TTL_SECONDS": "600", "RELAY_RECONCILE_AFTER_SECONDS": "900"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as e:
+        settings.load(RelaySettings)
+    assert str(e.value) == (
+        "invalid configuration: Value error, RELAY_DEDUPE_TTL_SECONDS must exceed"
+        " RELAY_RECONCILE_AFTER_SECONDS"
+    )
 
 
 def test_readme_documents_every_setting() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from email.message import EmailMessage
 from typing import Any
 
 import asyncpg
@@ -237,3 +238,57 @@ def test_smtp_url_parsing() -> None:
     assert (c.port, c.use_tls, c.start_tls, c.username) == (1025, False, False, None)
     assert SmtpConfig.from_url("smtp://m?starttls=require").start_tls is True
     assert SmtpConfig.from_url("smtp://m").port == 25
+
+
+async def scripted_smtp(replies: dict[str, str]) -> tuple[asyncio.Server, int]:
+    """An SMTP server that answers from a script: the greeting and each verb's reply,
+    where a test sets a refusal; anything unscripted is accepted."""
+    defaults = {
+        "greeting": "220 scripted ESMTP",
+        "EHLO": "250-scripted\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN",
+        "HELO": "250 scripted",
+        "QUIT": "221 bye",
+    }
+    script = {**defaults, **replies}
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(script["greeting"].encode() + b"\r\n")
+        while line := await reader.readline():
+            verb = line.split(b" ", 1)[0].strip().upper().decode()
+            writer.write(script.get(verb, "250 ok").encode() + b"\r\n")
+            await writer.drain()
+            if verb == "QUIT" or script["greeting"].startswith("5"):
+                break
+        writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("replies", "query", "auth"),
+    [
+        ({"greeting": "554 5.3.2 Not accepting connections"}, "", ""),
+        ({"EHLO": "550 5.7.1 Go away", "HELO": "550 5.7.1 Go away"}, "", ""),
+        ({"STARTTLS": "454 4.7.0 TLS not available"}, "?starttls=require", ""),
+        ({"AUTH": "535 5.7.8 Authentication credentials invalid"}, "?starttls=off", "u:p@"),
+    ],
+    ids=["greeting", "helo", "starttls", "auth"],
+)
+async def test_refusals_of_the_connection_tls_or_login_are_retried(
+    replies: dict[str, str], query: str, auth: str
+) -> None:
+    """Refusals before the message (greeting, EHLO/HELO, STARTTLS, AUTH) say the server or
+    our configuration is wrong for every email: retried, never dead-lettered as permanent."""
+    server, port = await scripted_smtp(replies)
+    message = EmailMessage()
+    message["From"] = "a@signup.test"
+    message["To"] = "b@example.com"
+    message.set_content("hi")
+    try:
+        mailer = Mailer(SmtpConfig.from_url(f"smtp://{auth}127.0.0.1:{port}{query}", 5))
+        with pytest.raises(RetryableError):
+            await mailer.send(message)
+    finally:
+        server.close()
+        await server.wait_closed()
