@@ -35,15 +35,20 @@ from shared.lifecycle import Loop, backoff_delay
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1] the stream; KEYS[2..] one dedupe key per event. ARGV[1] dedupe TTL, ARGV[2] "1" to
-# publish even when a dedupe key exists (republishing an event Redis lost), ARGV[3] the
-# entry's field name, ARGV[4..] the envelopes in KEYS order. Returns the stream ids,
-# existing or new, in the same order.
+# KEYS[1] the stream; KEYS[2..] one dedupe key per event. ARGV[1] dedupe TTL, ARGV[2] "1"
+# when republishing events Redis lost, ARGV[3] the entry's field name, ARGV[4..] the
+# envelopes in KEYS order. Returns the stream ids, existing or new, in the same order.
+#
+# A first publish takes the id its dedupe key names as the event's entry: an earlier XADD
+# whose mark in Postgres was lost. A republish takes it only while that entry is still in
+# the stream: the key names either the lost entry (gone: add it again) or an earlier
+# republish whose new id never reached Postgres (the relay died, or its commit or Redis's
+# reply was lost), which must not be added a second time.
 PUBLISH_SCRIPT = """
 local ids = {}
 for i = 2, #KEYS do
-  local id = false
-  if ARGV[2] == '0' then id = redis.call('GET', KEYS[i]) end
+  local id = redis.call('GET', KEYS[i])
+  if id and ARGV[2] == '1' and #redis.call('XRANGE', KEYS[1], id, id) == 0 then id = false end
   if not id then
     id = redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[i + 2])
     redis.call('SET', KEYS[i], id, 'EX', ARGV[1])
@@ -107,8 +112,11 @@ class Publisher:
         # round trip per batch, and at a few hundred signups a second a batch is one row.
         self._sha = hashlib.sha1(PUBLISH_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
-    async def publish(self, rows: list[Row], *, force: bool = False) -> list[str]:
+    async def publish(self, rows: list[Row], *, republish: bool = False) -> list[str]:
         """XADD every row (or find its earlier XADD); stream ids in row order.
+
+        `republish`: the rows' entries were found missing from their streams (see
+        PUBLISH_SCRIPT for what that changes).
 
         Raises ResponseError if Redis refuses a chunk; connection errors propagate.
         """
@@ -120,15 +128,14 @@ class Publisher:
             for queue, idxs in by_queue.items()
             for start in range(0, len(idxs), _CHUNK)
         ]
-        results = await self._run(rows, chunks, force)
+        results = await self._run(rows, chunks, republish)
         unknown = [k for k, r in enumerate(results) if isinstance(r, NoScriptError)]
         if unknown:
             # Redis lost its scripts (a restart). A chunk refused with NOSCRIPT did nothing,
             # but the pipeline is not atomic: another relay may have loaded the script in
-            # between and later chunks ran. Load it and send again only the refused ones,
-            # which matters when `force` skips the dedupe.
+            # between and later chunks ran. Load it and send again only the refused ones.
             await self.redis.script_load(PUBLISH_SCRIPT)
-            again = await self._run(rows, [chunks[k] for k in unknown], force)
+            again = await self._run(rows, [chunks[k] for k in unknown], republish)
             for k, result in zip(unknown, again, strict=True):
                 results[k] = result
         for result in results:
@@ -141,13 +148,13 @@ class Publisher:
         return ids
 
     async def _run(
-        self, rows: list[Row], chunks: list[tuple[str, list[int]]], force: bool
+        self, rows: list[Row], chunks: list[tuple[str, list[int]]], republish: bool
     ) -> list[Any]:
         """One pipelined EVALSHA per chunk; each result, or the error Redis gave it."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for queue, chunk in chunks:
                 keys = [stream_key(queue)] + [dedupe_key(rows[i].event_id, queue) for i in chunk]
-                args: list[Any] = [self.dedupe_ttl, "1" if force else "0", ENVELOPE_FIELD]
+                args: list[Any] = [self.dedupe_ttl, "1" if republish else "0", ENVELOPE_FIELD]
                 args += [rows[i].data for i in chunk]
                 pipe.evalsha(self._sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))

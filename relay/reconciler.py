@@ -83,7 +83,7 @@ class Reconciler:
             if not lost:
                 return 0
             rows = [to_row(r) for r in lost]
-            ids = await self.publisher.publish(rows, force=True)
+            ids = await self.publisher.publish(rows, republish=True)
             # Durable even on the relay's pool (asynchronous commits): had Postgres lost
             # this, the next check would find the old id missing and publish once more.
             await conn.execute("SET LOCAL synchronous_commit = on")

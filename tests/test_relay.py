@@ -389,6 +389,62 @@ async def test_reconciler_leaves_young_and_finished_events_alone(
     assert await reconciler.run_once() == 0
 
 
+async def test_a_republish_whose_new_id_never_reached_postgres_is_not_added_again(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """The relay dies (or its commit, or Redis's reply, is lost) after the republish's XADD
+    and before Postgres records the new id: the next check finds the old id missing again,
+    and must take the entry the first republish added, not add a second one."""
+    ids = await add_events(pool, 3)
+    relay = RelayLoop(pool, redis, settings)
+    await relay.run_once()
+    await redis.flushall()
+
+    class DiesAfterPublishing:
+        async def publish(self, rows: list[Row], *, republish: bool = False) -> list[str]:
+            await relay.publisher.publish(rows, republish=republish)
+            raise ConnectionError("the relay's connection to Postgres drops")
+
+    dying = Reconciler(pool, redis, DiesAfterPublishing(), after_seconds=0.0)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        await dying.run_once()
+    first = await stream_ids(redis)
+    assert len(first) == 3
+    assert await Reconciler(pool, redis, relay.publisher, after_seconds=0.0).run_once() == 3
+    assert await stream_ids(redis) == first
+    marked = await pool.fetch("SELECT stream_id FROM outbox ORDER BY id")
+    assert [r["stream_id"].encode() for r in marked] == first
+    assert sorted(e.event_id for e in await stream_events(redis)) == sorted(ids)
+
+
+async def test_a_republish_redis_refuses_in_part_adds_nothing_twice_on_the_next_passes(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """One queue's stream refuses the XADD (here its last id is the highest there is; in
+    life an ACL, or memory filling between two chunks): the reconciler's transaction rolls
+    back after the other queue's chunk went in, and every pass until the refusal ends must
+    find that chunk's entries rather than add them again."""
+    await add_events(pool, 3, queue="a")
+    await add_events(pool, 3, queue="b")
+    relay = RelayLoop(pool, redis, settings)
+    await relay.run_once()
+    await redis.flushall()
+    await redis.xadd(stream_key("b"), {"x": "y"}, id="1-1")
+    await redis.xdel(stream_key("b"), "1-1")
+    await redis.execute_command(  # type: ignore[no-untyped-call]
+        "XSETID", stream_key("b"), "18446744073709551615-18446744073709551615"
+    )
+    reconciler = Reconciler(pool, redis, relay.publisher, after_seconds=0.0)
+    for _ in range(4):
+        with pytest.raises(ResponseError):
+            await reconciler.run_once()
+    assert await redis.xlen(stream_key("a")) == 3
+    await redis.delete(stream_key("b"))  # the refusal ends
+    assert await reconciler.run_once() == 6
+    assert await redis.xlen(stream_key("a")) == 3
+    assert await redis.xlen(stream_key("b")) == 3
+
+
 async def test_retention_purges_only_old_completed_rows(pool: asyncpg.Pool[Any]) -> None:
     await add_events(pool, 30)
     await pool.execute(
@@ -563,17 +619,17 @@ async def test_after_noscript_only_the_refused_chunks_run_again(redis: aioredis.
     real_run = publisher._run
     calls: list[list[str]] = []
 
-    async def racing_run(rows_: Any, chunks: Any, force: bool) -> list[Any]:
+    async def racing_run(rows_: Any, chunks: Any, republish: bool) -> list[Any]:
         calls.append([q for q, _ in chunks])
         if len(calls) > 1:
-            return await real_run(rows_, chunks, force)
+            return await real_run(rows_, chunks, republish)
         # As in the race: the first chunk was refused before the script was loaded, the
         # second ran.
-        (second,) = await real_run(rows_, chunks[1:], force)
+        (second,) = await real_run(rows_, chunks[1:], republish)
         return [NoScriptError("NOSCRIPT No matching script."), second]
 
     publisher._run = racing_run  # type: ignore[method-assign,assignment]
-    ids = await publisher.publish(rows, force=True)
+    ids = await publisher.publish(rows, republish=True)
     assert calls == [["qa", "qb"], ["qa"]]  # only the refused chunk went again
     assert await redis.xlen(stream_key("qa")) == 2
     assert await redis.xlen(stream_key("qb")) == 2
