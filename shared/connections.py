@@ -77,8 +77,17 @@ async def create_pool(
     return pool
 
 
+# How long a reply from Redis may take before the call fails with a TimeoutError. Without
+# it, a Redis that stops answering without closing the connection (a partition, a
+# failover, a stuck fsync) would hold the caller until TCP gives up, a quarter of an hour
+# or more: a relay inside its claim transaction would keep its rows locked from every
+# other relay all that time. A worker's blocking read adds its block time to this.
+REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
+
+
 def create_redis(url: str, **kwargs: Any) -> aioredis.Redis:
     """A Redis client with a connection pool; responses stay bytes (envelopes are bytes)."""
+    kwargs.setdefault("socket_timeout", REDIS_SOCKET_TIMEOUT_SECONDS)
     kwargs.setdefault("health_check_interval", 15)
     kwargs.setdefault("socket_connect_timeout", 5)
     kwargs.setdefault("socket_keepalive", True)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from devstack.postgres import PostgresServer, truncate_tables
 from devstack.procs import free_port
@@ -39,12 +40,13 @@ from relay.publisher import (
 from relay.reconciler import Reconciler
 from relay.retention import purge_completed
 from relay.settings import RelaySettings
-from shared.connections import create_pool, create_redis
+from shared.connections import REDIS_SOCKET_TIMEOUT_SECONDS, create_pool, create_redis
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
 from shared.migrate import discover, migrate
 from shared.outbox import enqueue
 from tests.helpers import eventually
+from tests.test_autopipeline import silent_server
 from worker_service.consumer import _MARK_COMPLETED
 
 
@@ -309,6 +311,24 @@ async def test_stop_before_start_is_safe(
     relay = RelayLoop(pool, redis, settings)
     await relay.stop()
     await relay.stop()
+
+
+async def test_a_redis_that_stops_answering_fails_the_batch_and_frees_its_rows(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """A Redis that accepts and never answers (a partition without a reset, a stuck
+    fsync): the relay's call times out, its claim transaction rolls back, and another relay
+    publishes the rows, instead of the first holding them locked until TCP gives up."""
+    assert redis.connection_pool.connection_kwargs.get("socket_timeout") == (
+        REDIS_SOCKET_TIMEOUT_SECONDS
+    )
+    await add_events(pool, 5)
+    async with silent_server(socket_timeout=0.5) as (silent, _):
+        stuck = RelayLoop(pool, silent, settings)
+        with pytest.raises(RedisTimeoutError):
+            await asyncio.wait_for(stuck.run_once(), 10)
+        await RelayLoop(pool, redis, settings).run_once()
+    assert await redis.xlen(stream_key()) == 5
 
 
 @pytest.mark.expect_loop_failures

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shared import entrypoint
-from shared.connections import create_pool, create_redis
+from shared.connections import REDIS_SOCKET_TIMEOUT_SECONDS, create_pool, create_redis
 from shared.http_probe import ProbeServer
 from shared.lifecycle import run_until_signalled
 from worker_service.consumer import Worker
@@ -18,7 +18,10 @@ async def serve(cfg: WorkerSettings, router: Router) -> None:
     # Custom plans: the batched completion UPDATE must not keep a plan made for an empty
     # outbox (see create_pool).
     pool = await create_pool(cfg.database_url, max_size=cfg.db_pool_size, custom_plans=True)
-    redis = create_redis(cfg.redis_url)
+    # Its reads block for up to block_ms: the socket timeout counts from there.
+    redis = create_redis(
+        cfg.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS + cfg.block_ms / 1000
+    )
     worker = Worker(router, pool, redis, cfg)
     maintenance = WorkerMaintenance(
         worker.queue,
