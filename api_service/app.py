@@ -51,7 +51,8 @@ def create_app(settings: ApiSettings, pool: asyncpg.Pool[Any] | None = None) -> 
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/v1/users", create_user)
-    app.router.add_get("/v1/verify_email", verify_email)
+    # Not HEAD: the link is single-use, and link scanners and unfurlers send HEAD.
+    app.router.add_get("/v1/verify_email", verify_email, allow_head=False)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -261,6 +261,19 @@ async def test_verify_email_once(client: TestClient[Any, Any], pool: asyncpg.Poo
     assert (await again.json())["type"] == "/problems/verification-code-used"
 
 
+async def test_a_head_request_does_not_use_up_the_link(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    """Link scanners and unfurlers send HEAD; only the person's GET may use the link."""
+    email_id = await _make_code(pool, "head-code")
+    params = {"email_id": email_id, "secret_code": "head-code"}
+    head = await client.head("/v1/verify_email", params=params)
+    assert head.status == 405
+    assert not await pool.fetchval("SELECT is_email_verified FROM users WHERE username='v_user'")
+    ok = await client.get("/v1/verify_email", params=params)
+    assert ok.status == 200
+
+
 async def test_verify_email_expired(client: TestClient[Any, Any], pool: asyncpg.Pool[Any]) -> None:
     email_id = await _make_code(pool, "old-code", minutes=-1)
     resp = await client.get(
