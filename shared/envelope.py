@@ -76,20 +76,23 @@ class Envelope:
             raise EnvelopeError(f"envelope is not JSON: {e}") from e
         if not isinstance(doc, dict):
             raise EnvelopeError("envelope is not a JSON object")
-        if doc.get("v") != ENVELOPE_VERSION:
-            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}")
         try:
-            event_id = _event_id(doc["id"])
+            event_id = _event_id(doc.get("id"))
+        except (ValueError, TypeError) as e:
+            raise EnvelopeError(f"malformed envelope: bad id: {e!r}") from e
+        if doc.get("v") != ENVELOPE_VERSION:
+            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}", event_id)
+        try:
             task_type = doc["type"]
             payload = doc["payload"]
             created_at = datetime.fromisoformat(doc["created_at"])
             headers = doc.get("headers") or {}
         except (KeyError, ValueError, TypeError) as e:
-            raise EnvelopeError(f"malformed envelope: {e!r}") from e
+            raise EnvelopeError(f"malformed envelope: {e!r}", event_id) from e
         if not isinstance(task_type, str) or not isinstance(payload, dict):
-            raise EnvelopeError("envelope type must be a string and payload an object")
+            raise EnvelopeError("envelope type must be a string and payload an object", event_id)
         if not isinstance(headers, dict):
-            raise EnvelopeError("envelope headers must be an object")
+            raise EnvelopeError("envelope headers must be an object", event_id)
         if created_at.tzinfo is None:
             created_at = created_at.replace(tzinfo=UTC)
         return cls(

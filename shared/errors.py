@@ -12,7 +12,15 @@ class ConfigError(OutboxError):
 
 
 class EnvelopeError(OutboxError):
-    """A stream entry cannot be decoded into an envelope."""
+    """A stream entry cannot be decoded into an envelope.
+
+    `event_id` is the outbox event it came from when that much could be read, so that the
+    row can be marked dead-lettered too (else the reconciler would publish it again).
+    """
+
+    def __init__(self, message: str, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.event_id = event_id
 
 
 class TaskError(OutboxError):

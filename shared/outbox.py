@@ -39,6 +39,10 @@ async def enqueue(
     """Insert an outbox row and notify the relays; must run inside a transaction."""
     if not conn.is_in_transaction():
         raise RuntimeError("enqueue() must run inside the transaction of the business write")
+    # The envelope carries both as JSON objects; anything else could never be decoded
+    # (the table refuses it too: sql/002_outbox_json_objects.sql).
+    if not isinstance(payload, dict) or not isinstance(headers or {}, dict):
+        raise TypeError("enqueue() takes the payload and the headers as dicts")
     event_id = event_id or uuid.uuid4()
     await conn.execute(
         _INSERT, event_id, task_type, queue, payload, headers or {}, available_at, NOTIFY_CHANNEL

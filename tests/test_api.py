@@ -266,7 +266,7 @@ async def test_a_head_request_does_not_use_up_the_link(
 ) -> None:
     """Link scanners and unfurlers send HEAD; only the person's GET may use the link."""
     email_id = await _make_code(pool, "head-code")
-    params = {"email_id": email_id, "secret_code": "head-code"}
+    params: dict[str, str | int] = {"email_id": email_id, "secret_code": "head-code"}
     head = await client.head("/v1/verify_email", params=params)
     assert head.status == 405
     assert not await pool.fetchval("SELECT is_email_verified FROM users WHERE username='v_user'")

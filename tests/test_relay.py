@@ -362,6 +362,27 @@ async def _count_unpublished_is(pool: asyncpg.Pool[Any], n: int) -> bool:
     return bool(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == n)
 
 
+async def test_an_outbox_row_takes_only_json_objects_as_payload_and_headers(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    """A worker decodes only objects: enqueue() refuses anything else, and so does the
+    table, for writers that insert rows themselves."""
+    async with pool.acquire() as conn, conn.transaction():
+        with pytest.raises(TypeError):
+            await enqueue(conn, "t", [1])  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await enqueue(conn, "t", {}, headers="x")  # type: ignore[arg-type]
+    for payload, headers in (("[1]", "{}"), ('"text"', "{}"), ("{}", "[]")):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await pool.execute(
+                "INSERT INTO outbox (event_id, task_type, payload, headers)"
+                " VALUES (gen_random_uuid(), 't', $1::jsonb, $2::jsonb)",
+                payload,
+                headers,
+            )
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+
 async def test_reconciler_republishes_events_redis_lost(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,

@@ -358,6 +358,30 @@ async def test_permanent_error_unknown_type_and_garbage_dead_letter_at_once(
     assert await pending_count(redis) == 0
 
 
+async def test_an_undecodable_entry_with_a_readable_id_marks_its_event_dead_lettered(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
+) -> None:
+    """An envelope broken past its id (a payload that is not an object, a newer version):
+    the outbox row is marked dead-lettered, or the reconciler would find the event
+    unfinished and publish it again, to be dead-lettered again, for ever."""
+    (event_id,) = await publish(1, task="never_run")
+    client: Any = redis
+    await client.xtrim(STREAM, maxlen=0)
+    doc = {"v": 1, "id": event_id, "type": "t", "payload": [1], "created_at": "2026-01-01"}
+    await client.xadd(STREAM, {"e": orjson.dumps(doc)})
+    await client.xadd(STREAM, {"e": orjson.dumps({**doc, "v": 99, "payload": {}})})
+    worker = make_worker()
+    await worker.setup()
+    await worker.run_once()
+    letters = await dead_letters(redis)
+    assert [d["reason"] for d in letters] == ["undecodable", "undecodable"]
+    assert [d["event_id"] for d in letters] == [event_id, event_id]
+    row = await pool.fetchrow("SELECT dead_lettered_at, last_error FROM outbox")
+    assert row is not None
+    assert row["dead_lettered_at"] is not None
+    assert row["last_error"].startswith("undecodable: ")
+
+
 async def test_an_error_text_no_store_takes_as_it_is_still_dead_lettered(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:

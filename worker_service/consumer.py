@@ -561,7 +561,7 @@ class Worker:
         try:
             envelope = Envelope.decode(entry.fields)
         except EnvelopeError as e:
-            await self._dead_letter(entry, None, None, "undecodable", str(e))
+            await self._dead_letter(entry, None, None, "undecodable", str(e), event_id=e.event_id)
             return
         route = self.router.get(envelope.type)
         if route is None:
@@ -687,9 +687,12 @@ class Worker:
         route: Route | None,
         reason: str,
         error: str,
+        *,
+        event_id: str | None = None,
     ) -> None:
+        """`event_id`: of an entry whose envelope could not be decoded beyond its id."""
         task_type = envelope.type if envelope else None
-        event_id = envelope.event_id if envelope else None
+        event_id = envelope.event_id if envelope else event_id
         error = _storable(error)
 
         async def record() -> None:
