@@ -235,7 +235,7 @@ class RelayLoop(Loop):
         return self.wakeups.take_missed() or full
 
     async def _run_batch(self) -> bool:
-        # A ResponseError that refuses every write (see _refuses_every_write) propagates:
+        # A ResponseError that refuses every write (see refuses_every_write) propagates:
         # the batch rolls back untouched and the loop backs off, as when Redis is down.
         started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -249,7 +249,7 @@ class RelayLoop(Loop):
                 published = len(rows)
             except ResponseError as e:
                 metrics.ERRORS.labels("redis_refused").inc()
-                if _refuses_every_write(e):
+                if refuses_every_write(e):
                     raise
                 # Redis refused something: find out which rows, publish the rest.
                 published = await self._publish_one_by_one(conn, rows)
@@ -266,7 +266,7 @@ class RelayLoop(Loop):
             try:
                 (sid,) = await self.publisher.publish([row])
             except ResponseError as e:
-                if _refuses_every_write(e):
+                if refuses_every_write(e):
                     raise
                 attempts = await conn.fetchval(
                     "SELECT publish_attempts FROM outbox WHERE id = $1", row.id
@@ -302,7 +302,7 @@ _WHOLE_SERVER = re.compile(
 )
 
 
-def _refuses_every_write(e: ResponseError) -> bool:
+def refuses_every_write(e: ResponseError) -> bool:
     if isinstance(e, ReadOnlyError | OutOfMemoryError):
         return True
     return _WHOLE_SERVER.search(str(e)) is not None

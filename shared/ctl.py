@@ -40,6 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
 from relay.maintenance import BACKLOG_COUNT_CAP
+from relay.publisher import refuses_every_write
 from shared.connections import create_pool, create_redis
 from shared.constants import DEFAULT_QUEUE, ENVELOPE_FIELD, RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
@@ -610,6 +611,13 @@ _REVIVE = """
 UPDATE outbox SET dead_lettered_at = NULL, last_error = NULL, published_at = now()
 WHERE event_id = $1::uuid AND completed_at IS NULL
 """
+# Undoes step 1 when step 2 did not run: the row goes back to dead-lettered, as the worker
+# left it, so the reconciler does not publish it once its old entry is trimmed (beside the
+# dead letter, which a later replay would add again).
+_REBURY = """
+UPDATE outbox SET dead_lettered_at = now(), last_error = $2
+WHERE event_id = $1::uuid AND completed_at IS NULL AND dead_lettered_at IS NULL
+"""
 # Step 3: point the reconciler at the new entry.
 _TRACK = """
 UPDATE outbox SET stream_id = $2, published_at = now()
@@ -630,10 +638,13 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
 
     Order, for crash safety: Postgres first (clear dead_lettered_at), then Redis (XADD the
     envelope and XDEL the dead letter in one script), then Postgres again (new stream_id).
-    - Crash after step 1: the row is in flight with its old, acknowledged stream id and
-      the dead letter is still there. Once that old entry is trimmed the relay's
-      reconciler publishes the event again; the worst case is a duplicate (the operator
-      replays again), never a loss.
+    - Step 2 refused (a Redis replica after a failover, memory full) or interrupted
+      (Ctrl-C, a timeout): if the dead letter is still there, the script did not run, and
+      the row is marked dead-lettered again.
+    - Crash after step 1, or step 2 failing where Redis cannot be asked: the row is in
+      flight with its old, acknowledged stream id and the dead letter is still there. Once
+      that old entry is trimmed the relay's reconciler publishes the event again; the
+      worst case is a duplicate (the operator replays again), never a loss.
     - Crash after step 2: the row is in flight, the task is in the stream and the worker
       completes it (its UPDATE sets completed_at). If the reconciler gets there first it
       publishes a duplicate: at least once, again.
@@ -646,10 +657,24 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
     assert raw is not None
     envelope = Envelope.decode({ENVELOPE_FIELD.encode(): raw})
     await pool.execute(_REVIVE, envelope.event_id)
-    new_id = await queue.replay_dead(dl.id, raw, envelope.event_id)
+    try:
+        new_id = await queue.replay_dead(dl.id, raw, envelope.event_id)
+    except BaseException:
+        await _rebury_if_not_replayed(pool, queue, dl, envelope.event_id)
+        raise
     if new_id is not None:
         await pool.execute(_TRACK, envelope.event_id, new_id)
     return new_id
+
+
+async def _rebury_if_not_replayed(
+    pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter, event_id: str
+) -> None:
+    """Best effort: where Redis cannot say, the row stays in flight (see replay_one)."""
+    with contextlib.suppress(Exception):
+        if await queue.redis.xrange(queue.dead, dl.id, dl.id, count=1):
+            error = f"{dl.text('reason')}: {dl.text('error')}"[:2000]
+            await pool.execute(_REBURY, event_id, error)
 
 
 def _skip_reason(dl: DeadLetter) -> str | None:
@@ -717,6 +742,8 @@ async def cmd_dead_replay(session: Session, args: argparse.Namespace) -> int:
                 raise
             except (redis_errors.RedisError, asyncpg.PostgresError) as e:
                 tally.failed += 1
+                if isinstance(e, redis_errors.ResponseError) and refuses_every_write(e):
+                    raise  # every next item would be refused the same way
                 _say(f"failed {dl.id}: {_one_line(e)}")
                 continue
             if new_id is None:

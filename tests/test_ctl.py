@@ -376,6 +376,35 @@ async def test_replay_one_then_the_worker_completes_it(
     assert (await pipe.row(event_id))["completed_at"] is not None
 
 
+async def test_a_replay_redis_refuses_leaves_the_rows_dead_lettered_and_stops(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redis refusing every write (here a replica, as after a failover: READONLY): the run
+    stops at the first refusal, and the row it had revived is dead-lettered again, so the
+    reconciler does not publish it beside the dead letter a later replay takes."""
+    ids = await pipe.make_dead_letters()
+    before = await pipe.row(ids["event_t0"])
+    await pipe.redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    try:
+        assert await ctl("dead", "replay", "--all", "--yes", "--quiet") == 1
+    finally:
+        await pipe.redis.execute_command("REPLICAOF", "NO", "ONE")
+    out, err = capsys.readouterr()
+    summary = out.splitlines()[-1]
+    assert summary.startswith("replayed 0, ") and summary.endswith(", failed 1"), summary
+    assert "READONLY" in err
+    assert len(await pipe.dead_ids()) == 5
+    revived = await pipe.pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE dead_lettered_at IS NULL AND completed_at IS NULL"
+    )
+    assert revived == 0
+    row = await pipe.row(ids["event_t0"])
+    assert row["last_error"] == before["last_error"]
+    # The operator replays again once Redis takes writes: each event once.
+    assert await ctl("dead", "replay", "--all", "--yes", "--quiet") == 0
+    assert await pipe.work() == 3
+
+
 async def test_replay_all_needs_yes_then_skips_what_has_no_envelope(
     pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
 ) -> None:
