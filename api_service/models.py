@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from datetime import datetime
 from typing import Annotated
 
@@ -10,10 +12,32 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 from shared.addresses import ascii_address
 
 
+# Refused in every text field: control characters (C0, DEL and C1), the line and paragraph
+# separators, and the bidirectional controls, which would let a name display as something
+# else in the email's To: header and greeting. Other format characters stay: the zero-width
+# joiners are part of how some scripts and emoji are written.
+_REFUSED = (
+    r"\u0000-\u001f\u007f-\u009f\u2028\u2029"
+    r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+)
+_REFUSED_RE = re.compile(f"[{_REFUSED}]")
+
+
 def _no_control_chars(value: str) -> str:
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _REFUSED_RE.search(value):
         raise ValueError("must not contain control characters")
     return value
+
+
+def _nfc(value: str) -> str:
+    """One form for the same name however it was typed (é as one code point or two)."""
+    return unicodedata.normalize("NFC", value)
+
+
+def _nfkc(value: str) -> str:
+    """Passwords are hashed in NFKC (NIST SP 800-63B, 5.1.1.2), so that the same password
+    typed on two keyboards gives the same hash."""
+    return unicodedata.normalize("NFKC", value)
 
 
 Username = Annotated[
@@ -28,12 +52,13 @@ Username = Annotated[
 ]
 # The pattern documents the rule in the OpenAPI schema; the validator enforces it with a
 # clearer message than "should match pattern".
-_PRINTABLE = {"pattern": "^[^\\u0000-\\u001f\\u007f]*$"}
+_PRINTABLE = {"pattern": f"^[^{_REFUSED}]*$"}
 
 FullName = Annotated[
     str,
     Field(min_length=1, max_length=100, examples=["Alice Liddell"], json_schema_extra=_PRINTABLE),
     AfterValidator(_no_control_chars),
+    AfterValidator(_nfc),
 ]
 # The upper bound keeps hashing cheap to refuse: no megabyte passwords through argon2.
 Password = Annotated[
@@ -45,6 +70,7 @@ Password = Annotated[
         json_schema_extra=_PRINTABLE,
     ),
     AfterValidator(_no_control_chars),
+    AfterValidator(_nfkc),
 ]
 
 

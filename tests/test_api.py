@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from argon2 import PasswordHasher
 
 from api_service.app import create_app
 from api_service.settings import ApiSettings
@@ -140,6 +141,10 @@ async def test_body_over_64_kib_is_413(client: TestClient[Any, Any]) -> None:
         ("full_name", "", "at least 1"),
         ("full_name", "x" * 101, "at most 100"),
         ("full_name", "Bob\x00", "control"),
+        ("full_name", "Bob\x85", "control"),  # C1: NEXT LINE
+        ("full_name", "Bob\u2028Smith", "control"),  # LINE SEPARATOR
+        ("full_name", "Bob \u202egnp.exe", "control"),  # RIGHT-TO-LEFT OVERRIDE
+        ("password", "pass\u2066word-isolate", "control"),
         ("full_name", 10**400, "string"),
     ],
 )
@@ -161,6 +166,24 @@ async def test_invalid_fields_are_422_naming_the_field(
     assert reason_part.lower() in names[field].lower()
     # The submitted value is never echoed back (it may be a password).
     assert str(value)[:50] not in orjson.dumps(problem).decode() or len(str(value)) < 4
+
+
+async def test_names_and_passwords_are_stored_in_one_unicode_form(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    """A name is kept in NFC (e + combining acute is the é of the other keyboard), and a
+    password is hashed in NFKC (NIST SP 800-63B): the same text typed two ways is one."""
+    body = signup_body(1)
+    body["full_name"] = "Rene\u0301e \u200dZ"  # a zero-width joiner stays
+    body["password"] = "\ufb01ne-password-\u2460"  # the fi ligature, a circled one
+    resp = await client.post("/v1/users", json=body)
+    assert resp.status == 201, await resp.text()
+    row = await pool.fetchrow(
+        "SELECT full_name, hashed_password FROM users WHERE username = $1", body["username"]
+    )
+    assert row is not None
+    assert row["full_name"] == "Ren\u00e9e \u200dZ"
+    assert PasswordHasher().verify(row["hashed_password"], "fine-password-1")
 
 
 def _big_json(body: dict[str, Any]) -> bytes:
