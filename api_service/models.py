@@ -11,7 +11,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
 
 from shared.addresses import ascii_address
 
-
 # Refused in every text field: control characters (C0, DEL and C1), the line and paragraph
 # separators, and the bidirectional controls, which would let a name display as something
 # else in the email's To: header and greeting. Other format characters stay: the zero-width
