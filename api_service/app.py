@@ -39,6 +39,7 @@ def create_app(settings: ApiSettings, pool: asyncpg.Pool[Any] | None = None) -> 
             memory_kib=settings.argon2_memory_kib,
             parallelism=settings.argon2_parallelism,
             threads=settings.hash_threads,
+            max_waiting=settings.max_waiting_hashes,
         )
         app[APP_KEY] = ApiContext(settings, db, hasher)
         yield

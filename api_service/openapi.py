@@ -72,6 +72,10 @@ def build_openapi() -> dict[str, Any]:
                         "415": _problem("The body is not application/json."),
                         "422": _problem("A field is invalid; invalid-params says which and why."),
                         "500": _problem("Unexpected error."),
+                        "503": _problem(
+                            "Too many signups are waiting for a password hash; try again"
+                            " after Retry-After seconds."
+                        ),
                     },
                 }
             },

@@ -27,6 +27,7 @@ CODE_USED = "/problems/verification-code-used"
 NOT_FOUND = "/problems/not-found"
 METHOD_NOT_ALLOWED = "/problems/method-not-allowed"
 UNAVAILABLE = "/problems/service-unavailable"
+OVERLOADED = "/problems/overloaded"
 INTERNAL = "/problems/internal-error"
 HTTP_ERROR = "about:blank"
 
@@ -42,10 +43,12 @@ class ProblemError(Exception):
         detail: str | None = None,
         *,
         invalid_params: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(title)
         self.status, self.type, self.title, self.detail = status, type_, title, detail
         self.invalid_params = invalid_params
+        self.headers = headers
 
     def response(self, instance: str | None = None) -> web.Response:
         doc: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status}
@@ -56,7 +59,10 @@ class ProblemError(Exception):
         if self.invalid_params is not None:
             doc["invalid-params"] = self.invalid_params
         return web.Response(
-            status=self.status, body=orjson.dumps(doc), content_type=PROBLEM_CONTENT_TYPE
+            status=self.status,
+            body=orjson.dumps(doc),
+            content_type=PROBLEM_CONTENT_TYPE,
+            headers=self.headers,
         )
 
 

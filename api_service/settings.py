@@ -25,5 +25,8 @@ class ApiSettings(CommonSettings):
     argon2_memory_kib: int = Field(12_288, ge=8, le=4_194_304, alias="ARGON2_MEMORY_KIB")
     argon2_parallelism: int = Field(1, ge=1, le=64, alias="ARGON2_PARALLELISM")
     hash_threads: int = Field(default_factory=usable_cpus, ge=1, le=256, alias="API_HASH_THREADS")
+    # Signups waiting for a hash thread beyond which the API answers 503 at once: at the
+    # default hash (about 35 ms) and two threads, 64 is a wait of about 1.1 s.
+    max_waiting_hashes: int = Field(64, ge=0, le=100_000, alias="API_MAX_WAITING_HASHES")
 
     model_config = CommonSettings.model_config | {"populate_by_name": True}

@@ -15,6 +15,7 @@ from api_service import problems
 from api_service.context import APP_KEY
 from api_service.metrics import SIGNUPS
 from api_service.models import SignupRequest, User
+from api_service.passwords import HashQueueFull
 from api_service.problems import ProblemError
 from api_service.request_id import REQUEST_ID_KEY
 from shared.constants import NOTIFY_CHANNEL, TASK_SEND_VERIFY_EMAIL
@@ -77,7 +78,16 @@ async def create_user(request: web.Request) -> web.Response:
         signup = SignupRequest.model_validate(doc)
     except ValidationError as e:
         raise problems.validation_problem(e) from None
-    hashed = await ctx.hasher.hash(signup.password)
+    try:
+        hashed = await ctx.hasher.hash(signup.password)
+    except HashQueueFull:
+        raise ProblemError(
+            503,
+            problems.OVERLOADED,
+            "Too many signups at once",
+            "Try again in a moment.",
+            headers={"Retry-After": "1"},
+        ) from None
     event_id = uuid.uuid4()
     try:
         row = await ctx.pool.fetchrow(

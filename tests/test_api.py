@@ -64,6 +64,32 @@ async def test_signup_commits_user_and_outbox_row_together(
     assert rows[0]["queue"] == "default"
 
 
+async def test_signups_beyond_the_hash_queue_get_503_at_once_and_the_rest_go_through(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer
+) -> None:
+    """One hash thread, at most two signups waiting for it: a burst of twelve (each costs
+    a full hash, taken name or not) gets 503 with Retry-After for what does not fit,
+    instead of queueing for ever behind the others."""
+    settings = cheap_settings(pg_server, hash_threads=1).model_copy(
+        update={"argon2_time_cost": 4, "argon2_memory_kib": 8192, "max_waiting_hashes": 2}
+    )
+    async with TestClient(TestServer(create_app(settings, pool))) as c:
+        burst = await asyncio.gather(*(c.post("/v1/users", json=signup_body(i)) for i in range(12)))
+        statuses = sorted(r.status for r in burst)
+        refused = [r for r in burst if r.status == 503]
+        assert statuses.count(201) >= 3, statuses
+        assert refused, statuses
+        assert set(statuses) == {201, 503}
+        for r in refused:
+            assert r.headers["Retry-After"] == "1"
+            assert (await r.json())["type"] == "/problems/overloaded"
+        # The queue drained: the next signup is taken.
+        assert (await c.post("/v1/users", json=signup_body(99))).status == 201
+    created = await pool.fetchval("SELECT count(*) FROM users")
+    assert created == statuses.count(201) + 1
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == created
+
+
 async def test_signups_go_to_the_configured_queue(
     pool: asyncpg.Pool[Any], pg_server: PostgresServer
 ) -> None:
