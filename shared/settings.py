@@ -6,7 +6,9 @@ ConfigError that names the environment variable and why its value is refused.
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -17,11 +19,46 @@ from shared.errors import ConfigError
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, as a container's cpuset sets
-    it), not every CPU the host has, which is what os.cpu_count() says before 3.13."""
+    """The CPUs this process may use: its affinity mask (a container's cpuset), not every
+    CPU the host has, which is what os.cpu_count() says before 3.13; and no more than its
+    cgroup's CPU quota (`docker run --cpus`, a Kubernetes CPU limit), rounded up, which no
+    os function reads."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        cpus = len(os.sched_getaffinity(0))
+    else:
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> float | None:
+    """CPUs' worth of time this process's cgroup may use, or None when unlimited or not
+    known (no cgroup file system, as outside Linux)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        try:
+            if hierarchy == "0" and not controllers:  # cgroup v2
+                # Inside a container's cgroup namespace the path is "/" and root is its own.
+                for candidate in (root / rel / "cpu.max", root / "cpu.max"):
+                    if candidate.exists():
+                        quota, period = candidate.read_text().split()[:2]
+                        return None if quota == "max" else int(quota) / int(period)
+            elif "cpu" in controllers.split(","):  # cgroup v1
+                for base in (root / controllers / rel, root / controllers, root / "cpu"):
+                    if (base / "cpu.cfs_quota_us").exists():
+                        quota_us = int((base / "cpu.cfs_quota_us").read_text())
+                        period_us = int((base / "cpu.cfs_period_us").read_text())
+                        return None if quota_us <= 0 else quota_us / period_us
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def _url_with_scheme(*schemes: str) -> AfterValidator:

@@ -95,6 +95,43 @@ def test_hash_threads_default_to_the_cpus_the_process_may_use() -> None:
     assert out.stdout.strip() == "1"
 
 
+@pytest.mark.parametrize(
+    ("cgroup", "files", "quota"),
+    [
+        # cgroup v2, the process's own cgroup (a CPU limit of 1.5: two hash threads)
+        ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/c1/cpu.max": "150000 100000\n"}, 1.5),
+        # v2 inside a container's cgroup namespace: its cgroup is the root
+        ("0::/\n", {"cpu.max": "50000 100000\n"}, 0.5),
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        # cgroup v1
+        (
+            "12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n",
+            {
+                "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+                "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            },
+            2.0,
+        ),
+        (
+            "4:cpu,cpuacct:/\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
+            None,
+        ),
+        ("0::/\n", {}, None),  # no cpu controller files: not limited as far as we know
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_from_v1_and_v2(
+    tmp_path: Path, cgroup: str, files: dict[str, str], quota: float | None
+) -> None:
+    """A container limited to 1.5 CPUs of a 32-CPU node must not start 32 hash threads,
+    each holding its hash memory: the default counts the CPU quota too."""
+    (tmp_path / "proc_cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    assert settings.cgroup_cpu_quota(tmp_path / "proc_cgroup", tmp_path / "fs") == quota
+
+
 @pytest.mark.parametrize("module", ["api_service", "relay", "worker_service", "shared.migrate"])
 def test_services_exit_2_with_a_one_line_message(module: str) -> None:
     out = subprocess.run(
