@@ -23,10 +23,8 @@ def usable_cpus() -> int:
     CPU the host has, which is what os.cpu_count() says before 3.13; and no more than its
     cgroup's CPU quota (`docker run --cpus`, a Kubernetes CPU limit), rounded up, which no
     os function reads."""
-    if hasattr(os, "sched_getaffinity"):
-        cpus = len(os.sched_getaffinity(0))
-    else:
-        cpus = os.cpu_count() or 1
+    has_mask = hasattr(os, "sched_getaffinity")
+    cpus = len(os.sched_getaffinity(0)) if has_mask else (os.cpu_count() or 1)
     quota = cgroup_cpu_quota()
     return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
 
