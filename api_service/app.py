@@ -16,6 +16,7 @@ from api_service.openapi import build_openapi
 from api_service.passwords import Hasher
 from api_service.problems import problem_middleware
 from api_service.request_id import request_id_middleware
+from api_service.resend import resend_verify_email
 from api_service.settings import ApiSettings
 from api_service.users import create_user
 from api_service.verify import verify_email
@@ -52,6 +53,7 @@ def create_app(settings: ApiSettings, pool: asyncpg.Pool[Any] | None = None) -> 
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/v1/users", create_user)
+    app.router.add_post("/v1/verify_email/resend", resend_verify_email)
     # Not HEAD: the link is single-use, and link scanners and unfurlers send HEAD.
     app.router.add_get("/v1/verify_email", verify_email, allow_head=False)
     app.router.add_get("/healthz", healthz)

@@ -19,6 +19,12 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 SIGNUPS = Counter("api_signups", "Users created (the outbox row committed with them).")
+RESENDS = Counter(
+    "api_verify_email_resends",
+    "Requests for a new verification email: queued, or ignored (unknown or verified"
+    " address, or asked for again within API_RESEND_INTERVAL_SECONDS).",
+    ["outcome"],
+)
 
 
 def _route(request: web.Request) -> str:

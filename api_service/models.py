@@ -110,6 +110,20 @@ class SignupRequest(BaseModel):
     password: Password
 
 
+class ResendRequest(BaseModel):
+    """Ask for a new verification email (the link in the last one expired or was lost)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="ResendRequest")
+
+    email: Email
+
+
+class ResendAccepted(BaseModel):
+    model_config = ConfigDict(title="ResendAccepted")
+
+    detail: str
+
+
 class User(BaseModel):
     model_config = ConfigDict(title="User")
 

@@ -9,6 +9,8 @@ from pydantic.json_schema import models_json_schema
 from api_service.models import (
     Health,
     Problem,
+    ResendAccepted,
+    ResendRequest,
     SignupRequest,
     User,
     VerifyEmailQuery,
@@ -29,6 +31,8 @@ def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
         [
             (SignupRequest, "validation"),
+            (ResendRequest, "validation"),
+            (ResendAccepted, "serialization"),
             (User, "serialization"),
             (VerifyEmailResult, "serialization"),
             (Problem, "serialization"),
@@ -96,6 +100,29 @@ def build_openapi() -> dict[str, Any]:
                         "409": _problem("The link was used already."),
                         "410": _problem("The link has expired."),
                         "422": _problem("A query parameter is missing or malformed."),
+                    },
+                }
+            },
+            "/v1/verify_email/resend": {
+                "post": {
+                    "operationId": "resendVerifyEmail",
+                    "summary": "Send a new verification email to an unverified address",
+                    "description": (
+                        "Accepted whatever the address (unknown, verified, or asked for"
+                        " within the resend interval), so that the answer does not tell who"
+                        " signed up; an email goes out only to an unverified account."
+                    ),
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("ResendRequest")}},
+                    },
+                    "responses": {
+                        "202": json_body("ResendAccepted", "Taken; an email follows if due."),
+                        "400": _problem("The body is not valid JSON."),
+                        "413": _problem("The body is larger than 64 KiB."),
+                        "415": _problem("The body is not application/json."),
+                        "422": _problem("The address is invalid."),
+                        "500": _problem("Unexpected error."),
                     },
                 }
             },

@@ -28,5 +28,10 @@ class ApiSettings(CommonSettings):
     # Signups waiting for a hash thread beyond which the API answers 503 at once: at the
     # default hash (about 35 ms) and two threads, 64 is a wait of about 1.1 s.
     max_waiting_hashes: int = Field(64, ge=0, le=100_000, alias="API_MAX_WAITING_HASHES")
+    # POST /v1/verify_email/resend sends a new email at most once per this many seconds
+    # per account (the signup counts), so that it cannot flood a mailbox.
+    resend_interval_seconds: float = Field(
+        60.0, ge=0, le=86_400, alias="API_RESEND_INTERVAL_SECONDS"
+    )
 
     model_config = CommonSettings.model_config | {"populate_by_name": True}

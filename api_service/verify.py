@@ -77,7 +77,8 @@ async def _verify(request: web.Request, query: VerifyEmailQuery) -> None:
                 410,
                 problems.CODE_EXPIRED,
                 "Link expired",
-                "The link has expired. Sign in to ask for a new one.",
+                "The link has expired. Ask for a new one: POST the address to"
+                " /v1/verify_email/resend.",
             )
         used = await conn.fetchrow(_USE, query.email_id)
         if used is None:  # used or expired between the two statements
@@ -89,7 +90,7 @@ async def _verify(request: web.Request, query: VerifyEmailQuery) -> None:
 def _advice(e: ProblemError) -> str:
     return {
         problems.CODE_USED: "This link was used already, so your address is probably verified.",
-        problems.CODE_EXPIRED: "The link has expired. Sign in to receive a new one.",
+        problems.CODE_EXPIRED: "The link has expired. Ask for a new email where you signed up.",
     }.get(e.type, "The link is incomplete or not valid. Open the link from your latest email.")
 
 

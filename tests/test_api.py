@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from argon2 import PasswordHasher
+from prometheus_client import REGISTRY
 
 from api_service.app import create_app
 from api_service.settings import ApiSettings
@@ -88,6 +89,55 @@ async def test_signups_beyond_the_hash_queue_get_503_at_once_and_the_rest_go_thr
     created = await pool.fetchval("SELECT count(*) FROM users")
     assert created == statuses.count(201) + 1
     assert await pool.fetchval("SELECT count(*) FROM outbox") == created
+
+
+async def test_resend_queues_an_email_for_an_unverified_address_at_most_once_per_interval(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    """202 whatever the address, with the same body, so the answer tells nobody who
+    signed up; an outbox row only for an unverified account whose last request (the
+    signup, or a resend) is older than API_RESEND_INTERVAL_SECONDS."""
+    url = "/v1/verify_email/resend"
+
+    def resends(outcome: str) -> float:
+        name = "api_verify_email_resends_total"
+        return REGISTRY.get_sample_value(name, {"outcome": outcome}) or 0.0
+
+    queued, ignored = resends("queued"), resends("ignored")
+    assert (await client.post("/v1/users", json=signup_body(1))).status == 201
+
+    async def events() -> int:
+        return int(await pool.fetchval("SELECT count(*) FROM outbox"))
+
+    async def resend(email: str) -> dict[str, Any]:
+        resp = await client.post(url, json={"email": email}, headers={"X-Request-ID": "rs-1"})
+        assert resp.status == 202
+        body: dict[str, Any] = await resp.json()
+        return body
+
+    accepted = await resend("user1@example.com")
+    assert await events() == 1  # the signup was just now: too soon
+    await pool.execute("UPDATE users SET verify_requested_at = now() - interval '61 seconds'")
+    assert await resend("User1@EXAMPLE.com") == accepted  # matched regardless of case
+    assert await events() == 2
+    row = await pool.fetchrow("SELECT * FROM outbox ORDER BY id DESC LIMIT 1")
+    assert row is not None
+    assert row["task_type"] == "send_verify_email"
+    assert row["payload"] == {"username": "user_1"}
+    assert row["headers"] == {"request_id": "rs-1"}
+    assert await resend("user1@example.com") == accepted
+    assert await events() == 2  # asked again at once: nothing more
+    assert await resend("nobody@example.com") == accepted
+    await pool.execute(
+        "UPDATE users SET is_email_verified = true, verify_requested_at = now() - interval '1 hour'"
+    )
+    assert await resend("user1@example.com") == accepted
+    assert await events() == 2  # verified: nothing to send
+    bad = await client.post(url, json={"email": "not-an-email"})
+    assert bad.status == 422
+    assert (await client.post(url, json={"email": "a@example.com", "x": 1})).status == 422
+    assert resends("queued") - queued == 1
+    assert resends("ignored") - ignored == 4  # too soon twice, unknown, verified
 
 
 async def test_signups_go_to_the_configured_queue(

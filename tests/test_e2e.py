@@ -140,3 +140,36 @@ async def test_link_opens_in_a_real_browser(stack: dict[str, Any], smtp_sink: Sm
     second = await asyncio.to_thread(dump_dom, link)
     assert "This link does not work" in second
     assert "used already" in second
+
+
+async def test_an_expired_link_is_replaced_by_a_resend(
+    stack: dict[str, Any], smtp_sink: SmtpSink, pool: Any
+) -> None:
+    """A person who let the link expire asks for a new one: a second email with a link
+    that works, through the whole pipeline; the first stays expired."""
+    base = stack["base"]
+    async with aiohttp.ClientSession() as http:
+        assert (await http.post(f"{base}/v1/users", json=signup_body("late"))).status == 201
+        await eventually(lambda: _count_is(smtp_sink, 1), timeout=10)
+        first = verify_link(smtp_sink.messages()[0])
+        await pool.execute("UPDATE verify_emails SET expires_at = now() - interval '1 second'")
+        resp = await http.get(first, headers={"Accept": "application/json"})
+        assert resp.status == 410
+        assert "/v1/verify_email/resend" in (await resp.json())["detail"]
+        # The signup itself counts as the last request: the interval must pass first.
+        await pool.execute("UPDATE users SET verify_requested_at = now() - interval '1 hour'")
+        resend = await http.post(
+            f"{base}/v1/verify_email/resend", json={"email": "UserLate@Example.com"}
+        )
+        assert resend.status == 202
+        await eventually(lambda: _count_is(smtp_sink, 2), timeout=10)
+        second = verify_link(smtp_sink.messages()[1])
+        assert second != first
+        ok = await http.get(second, headers={"Accept": "application/json"})
+        assert ok.status == 200
+        assert await ok.json() == {"is_verified": True}
+        assert (await http.get(first, headers={"Accept": "application/json"})).status == 410
+
+
+async def _count_is(sink: SmtpSink, n: int) -> bool:
+    return len(sink.messages()) == n

@@ -186,6 +186,16 @@ async def test_a_fractional_link_lifetime_is_kept(
     assert "expires in 0.5 minutes" in text_part(msg)
 
 
+async def test_a_resend_for_a_user_verified_meanwhile_sends_nothing(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    await add_user(pool)
+    await pool.execute("UPDATE users SET is_email_verified = true")
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    assert smtp_sink.messages() == []
+    assert await pool.fetchval("SELECT count(*) FROM verify_emails") == 0
+
+
 @pytest.mark.parametrize(
     ("stage", "reply", "outcome"),
     [

@@ -98,10 +98,15 @@ async def send_verify_email(ctx: TaskContext) -> None:
         raise PermanentError("payload has no username")
     async with ctx.pool.acquire() as conn, conn.transaction():
         user = await conn.fetchrow(
-            "SELECT full_name, email FROM users WHERE username = $1", username
+            "SELECT full_name, email, is_email_verified FROM users WHERE username = $1",
+            username,
         )
         if user is None:
             raise PermanentError("user does not exist")
+        if user["is_email_verified"]:
+            # Verified through an earlier email while this one (a resend) waited.
+            logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
+            return
         code = new_code()
         ttl_seconds = cfg.verify_ttl_minutes * 60  # make_interval(mins =>) takes whole minutes
         await conn.execute(
