@@ -51,12 +51,21 @@ class Maintenance(Loop):
         self.idle_interval = settings.maintenance_interval_seconds
 
     async def run_once(self) -> bool:
+        """One pass; True (run again at once) while the reconciler finds lost events on
+        full pages: after Redis lost its data, a page per interval would take hours to
+        work through a large backlog in flight."""
         # Each step runs whatever the others do: with Redis down the reconciler fails, and
         # the gauges and the retention (Postgres only) must go on.
         failures: list[Exception] = []
+        republished = 0
+
+        async def reconcile() -> None:
+            nonlocal republished
+            republished = await self.reconciler.run_once()
+
         for step in (
             lambda: refresh_backlog_gauges(self.pool),
-            self.reconciler.run_once,
+            reconcile,
             lambda: purge_completed(self.pool, self.settings.retention_seconds),
         ):
             try:
@@ -67,4 +76,4 @@ class Maintenance(Loop):
             raise failures[0]
         if failures:
             raise ExceptionGroup("relay maintenance steps failed", failures)
-        return False
+        return republished > 0 and self.reconciler.more

@@ -62,6 +62,8 @@ class Reconciler:
         # Keyset cursor, so that a long list of slow but present events does not keep the
         # check from reaching lost ones behind them.
         self._cursor: tuple[datetime, int] = (_EPOCH, 0)
+        # The last page was full: more candidates follow it.
+        self.more = False
 
     async def run_once(self) -> int:
         """Check one page of candidates; return how many were published again."""
@@ -69,10 +71,11 @@ class Reconciler:
             records = await conn.fetch(
                 _CANDIDATES, self.after_seconds, *self._cursor, self.page_size
             )
-            if len(records) < self.page_size:
-                self._cursor = (_EPOCH, 0)
-            else:
+            self.more = len(records) == self.page_size
+            if self.more:
                 self._cursor = (records[-1]["published_at"], records[-1]["id"])
+            else:
+                self._cursor = (_EPOCH, 0)
             if not records:
                 return 0
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -416,6 +416,27 @@ async def test_reconciler_republishes_events_redis_lost(
     assert sid is not None
 
 
+async def test_maintenance_works_through_lost_events_page_after_page_without_waiting(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """After Redis lost its data, a pass that republished a full page runs again at once
+    (a page per maintenance interval would take hours over a large backlog in flight);
+    once a pass finds nothing lost, the loop goes back to its interval."""
+    ids = await add_events(pool, 30)
+    relay = RelayLoop(pool, redis, settings)
+    await relay.run_once()
+    await redis.flushall()
+    reconciler = Reconciler(pool, redis, relay.publisher, after_seconds=0.0, page_size=7)
+    maintenance = Maintenance(pool, reconciler, settings)
+    passes = [await maintenance.run_once()]
+    while passes[-1] and len(passes) < 10:
+        passes.append(await maintenance.run_once())
+    # Pages of 7 lost events, then (after_seconds=0 here makes the republished rows
+    # candidates again) a last page with the 2 left, and a full page with nothing lost.
+    assert passes[:4] == [True] * 4 and passes[-1] is False, passes
+    assert sorted(e.event_id for e in await stream_events(redis)) == sorted(ids)
+
+
 async def test_reconciler_leaves_young_and_finished_events_alone(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
 ) -> None:
