@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import re
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -261,11 +260,12 @@ class Selection:
             return False
         return self.task is None or dl.text("task_type") == self.task
 
-    def end_bound(self) -> str:
-        """The last id a bulk selection can reach (older_than: the cutoff)."""
+    def end_bound(self, now: float) -> str:
+        """The last id a bulk selection can reach (older_than: the cutoff from `now`, in
+        seconds of Redis's clock, which stamped the ids)."""
         if self.older_than is None:
             return "+"
-        cutoff_ms = int((time.time() - self.older_than.total_seconds()) * 1000)
+        cutoff_ms = int((now - self.older_than.total_seconds()) * 1000)
         return f"{cutoff_ms - 1}-{_MAX_SEQ}" if cutoff_ms > 0 else ""
 
     def describe(self) -> str:
@@ -284,7 +284,10 @@ async def _count_bulk(client: Any, key: str, sel: Selection) -> tuple[int, str]:
 
     Processing stops at that id, so what arrives after the confirmation is left alone.
     """
-    end = sel.end_bound()
+    # Redis's clock, not this machine's: an operator's clock ahead of the server's would
+    # take younger dead letters than asked for.
+    seconds, micros = await client.time()
+    end = sel.end_bound(seconds + micros / 1e6)
     if not end:
         return 0, ""
     count, last = 0, ""

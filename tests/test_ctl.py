@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -473,7 +474,9 @@ async def test_replay_ids_counts_missing_as_failed_and_skips_garbage(
 # -- purge ---------------------------------------------------------------------------------
 
 
-async def test_purge_by_id_and_by_age(pipe: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_purge_by_id_and_by_age(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # An entry that failed in 1970 (ids only grow, so it goes in first).
     old = (await pipe.redis.xadd(DEAD, {"reason": "ancient"}, id="1000-0")).decode()
     ids = await pipe.make_dead_letters()
@@ -495,6 +498,13 @@ async def test_purge_by_id_and_by_age(pipe: Pipeline, capsys: pytest.CaptureFixt
     assert old not in await pipe.dead_ids()
     assert await pipe.redis.xlen(DEAD) == 4  # the recent ones stay
 
+    assert await ctl("dead", "purge", "--older-than", "1h", "--yes") == 0
+    assert "no dead letters match" in capsys.readouterr().out
+    assert await pipe.redis.xlen(DEAD) == 4
+
+    # The operator's clock is two hours ahead of Redis's: the ages are still Redis's.
+    skewed = time.time() + 7200
+    monkeypatch.setattr(time, "time", lambda: skewed)
     assert await ctl("dead", "purge", "--older-than", "1h", "--yes") == 0
     assert "no dead letters match" in capsys.readouterr().out
     assert await pipe.redis.xlen(DEAD) == 4
