@@ -12,14 +12,12 @@ import uuid
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
 
-from api_service import problems
+from api_service.bodies import read_body
 from api_service.context import APP_KEY
 from api_service.metrics import RESENDS
 from api_service.models import ResendRequest
 from api_service.request_id import REQUEST_ID_KEY
-from api_service.users import read_json
 from shared.constants import NOTIFY_CHANNEL, TASK_SEND_VERIFY_EMAIL
 
 logger = logging.getLogger(__name__)
@@ -47,11 +45,7 @@ ACCEPTED = orjson.dumps(
 
 async def resend_verify_email(request: web.Request) -> web.Response:
     ctx = request.app[APP_KEY]
-    doc = await read_json(request)
-    try:
-        body = ResendRequest.model_validate(doc)
-    except ValidationError as e:
-        raise problems.validation_problem(e) from None
+    body = await read_body(request, ResendRequest)
     event_id = uuid.uuid4()
     row = await ctx.pool.fetchrow(
         _RESEND,

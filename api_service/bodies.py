@@ -1,0 +1,51 @@
+"""Request bodies: JSON read within the size limit, then validated by a model."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from api_service import problems
+from api_service.problems import ProblemError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: web.Request, model: type[M]) -> M:
+    """The body validated by `model`, or the problem that says why not (415, 413, 400,
+    422 naming each invalid field)."""
+    doc = await read_json(request)
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        raise problems.validation_problem(e) from None
+
+
+async def read_json(request: web.Request) -> object:
+    """The body as JSON, or the problem that says why not (415, 413, 400)."""
+    if request.content_type != "application/json":
+        raise ProblemError(
+            415,
+            problems.UNSUPPORTED_MEDIA,
+            "Unsupported media type",
+            "Send the body as application/json.",
+        )
+    body = await request.read()  # bounded by the application's client_max_size (413)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        error = e
+    # orjson also refuses valid JSON it cannot represent (integers beyond 64 bits): let the
+    # standard parser decide, so that such a document is a 422 on its field, not a 400.
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise ProblemError(400, problems.BAD_JSON, "Malformed JSON", str(error)[:200]) from None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
