@@ -613,17 +613,23 @@ def _indent(text: str) -> str:
 _REVIVE = """
 UPDATE outbox SET dead_lettered_at = NULL, last_error = NULL, published_at = now()
 WHERE event_id = $1::uuid AND completed_at IS NULL
+RETURNING stream_id
 """
 # Undoes step 1 when step 2 did not run: the row goes back to dead-lettered, as the worker
 # left it, so the reconciler does not publish it once its old entry is trimmed (beside the
-# dead letter, which a later replay would add again).
+# dead letter, which a later replay would add again). Only while the row still names the
+# entry step 1 found: another replay of the same dead letter that went through meanwhile
+# has pointed it at its new entry (step 3), and its event is back in the stream.
 _REBURY = """
 UPDATE outbox SET dead_lettered_at = now(), last_error = $2
 WHERE event_id = $1::uuid AND completed_at IS NULL AND dead_lettered_at IS NULL
+  AND stream_id IS NOT DISTINCT FROM $3
 """
-# Step 3: point the reconciler at the new entry.
+# Step 3: point the reconciler at the new entry (and undo a re-bury by another replay that
+# checked for the dead letter before this one's script took it).
 _TRACK = """
-UPDATE outbox SET stream_id = $2, published_at = now()
+UPDATE outbox SET stream_id = $2, published_at = now(), dead_lettered_at = NULL,
+    last_error = NULL
 WHERE event_id = $1::uuid AND completed_at IS NULL
 """
 
@@ -659,11 +665,12 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
     raw = dl.envelope
     assert raw is not None
     envelope = Envelope.decode({ENVELOPE_FIELD.encode(): raw})
-    await pool.execute(_REVIVE, envelope.event_id)
+    found = await pool.fetchrow(_REVIVE, envelope.event_id)
     try:
         new_id = await queue.replay_dead(dl.id, raw, envelope.event_id)
     except BaseException:
-        await _rebury_if_not_replayed(pool, queue, dl, envelope.event_id)
+        if found is not None:
+            await _rebury_if_not_replayed(pool, queue, dl, envelope.event_id, found["stream_id"])
         raise
     if new_id is not None:
         await pool.execute(_TRACK, envelope.event_id, new_id)
@@ -671,13 +678,17 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
 
 
 async def _rebury_if_not_replayed(
-    pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter, event_id: str
+    pool: asyncpg.Pool[Any],
+    queue: StreamQueue,
+    dl: DeadLetter,
+    event_id: str,
+    stream_id: str | None,
 ) -> None:
     """Best effort: where Redis cannot say, the row stays in flight (see replay_one)."""
     with contextlib.suppress(Exception):
         if await queue.redis.xrange(queue.dead, dl.id, dl.id, count=1):
             error = f"{dl.text('reason')}: {dl.text('error')}"[:2000]
-            await pool.execute(_REBURY, event_id, error)
+            await pool.execute(_REBURY, event_id, error, stream_id)
 
 
 def _skip_reason(dl: DeadLetter) -> str | None:

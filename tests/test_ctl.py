@@ -27,7 +27,7 @@ from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
 from relay.settings import RelaySettings
 from shared.constants import dead_letter_key, dedupe_key, stream_key
-from shared.ctl import main, scan_dead
+from shared.ctl import DeadLetter, main, replay_one, scan_dead
 from shared.errors import PermanentError
 from shared.outbox import enqueue
 from worker_service.consumer import Worker
@@ -404,6 +404,39 @@ async def test_a_replay_redis_refuses_leaves_the_rows_dead_lettered_and_stops(
     # The operator replays again once Redis takes writes: each event once.
     assert await ctl("dead", "replay", "--all", "--yes", "--quiet") == 0
     assert await pipe.work() == 3
+
+
+async def test_an_interrupted_replay_does_not_rebury_what_a_concurrent_replay_put_back(
+    pipe: Pipeline,
+) -> None:
+    """Operator A's replay is interrupted before its script runs; while A checks whether
+    the dead letter is still there, operator B replays the same dead letter to the end.
+    A must not mark dead-lettered a row whose event is back in the stream."""
+
+    ids = await pipe.make_dead_letters()
+    dead_id = ids["t0"]
+    ((_, raw),) = await pipe.redis.xrange(DEAD, dead_id, dead_id)
+    dl = DeadLetter(dead_id, raw)
+    real = StreamQueue(pipe.redis, "default")
+
+    class RacingRedis:
+        async def xrange(self, *a: Any, **k: Any) -> Any:
+            found = await pipe.redis.xrange(*a, **k)  # the dead letter is still there
+            assert await replay_one(pipe.pool, real, dl) is not None  # B, to the end
+            return found
+
+    class Interrupted:
+        dead = real.dead
+        redis = RacingRedis()
+
+        async def replay_dead(self, *a: Any) -> Any:
+            raise KeyboardInterrupt  # Ctrl-C before the script went out
+
+    with pytest.raises(KeyboardInterrupt):
+        await replay_one(pipe.pool, Interrupted(), dl)  # type: ignore[arg-type]
+    row = await pipe.row(ids["event_t0"])
+    assert dead_id not in await pipe.dead_ids()  # B's replay went through
+    assert row["dead_lettered_at"] is None, "in the stream, yet dead-lettered in Postgres"
 
 
 async def test_replay_all_needs_yes_then_skips_what_has_no_envelope(
