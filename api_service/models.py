@@ -7,7 +7,7 @@ import unicodedata
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, EmailStr, Field
 
 from shared.addresses import ascii_address
 
@@ -28,15 +28,18 @@ def _no_control_chars(value: str) -> str:
     return value
 
 
-def _nfc(value: str) -> str:
+# Normalised before validation, so that the length limits count what is stored and hashed
+# (NFC may turn one code point into three, NFKC into eighteen, and both two into one).
+# Anything but a string passes through, for the type check to refuse.
+def _nfc(value: object) -> object:
     """One form for the same name however it was typed (é as one code point or two)."""
-    return unicodedata.normalize("NFC", value)
+    return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
 
 
-def _nfkc(value: str) -> str:
+def _nfkc(value: object) -> object:
     """Passwords are hashed in NFKC (NIST SP 800-63B, 5.1.1.2), so that the same password
     typed on two keyboards gives the same hash."""
-    return unicodedata.normalize("NFKC", value)
+    return unicodedata.normalize("NFKC", value) if isinstance(value, str) else value
 
 
 Username = Annotated[
@@ -57,7 +60,7 @@ FullName = Annotated[
     str,
     Field(min_length=1, max_length=100, examples=["Alice Liddell"], json_schema_extra=_PRINTABLE),
     AfterValidator(_no_control_chars),
-    AfterValidator(_nfc),
+    BeforeValidator(_nfc),
 ]
 # The upper bound keeps hashing cheap to refuse: no megabyte passwords through argon2.
 Password = Annotated[
@@ -69,7 +72,7 @@ Password = Annotated[
         json_schema_extra=_PRINTABLE,
     ),
     AfterValidator(_no_control_chars),
-    AfterValidator(_nfkc),
+    BeforeValidator(_nfkc),
 ]
 
 

@@ -221,6 +221,9 @@ async def test_body_over_64_kib_is_413(client: TestClient[Any, Any]) -> None:
         ("full_name", "Bob\u2028Smith", "control"),  # LINE SEPARATOR
         ("full_name", "Bob \u202egnp.exe", "control"),  # RIGHT-TO-LEFT OVERRIDE
         ("password", "pass\u2066word-isolate", "control"),
+        # Limits count the normalised text: what is stored and what is hashed.
+        ("full_name", "\U0001d160" * 40, "at most 100"),  # NFC: 1 code point to 3
+        ("password", "e\u0301" * 4, "at least 8"),  # NFKC: 2 code points to 1
         ("full_name", 10**400, "string"),
     ],
 )
