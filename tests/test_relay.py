@@ -43,7 +43,7 @@ from relay.settings import RelaySettings
 from shared.connections import REDIS_SOCKET_TIMEOUT_SECONDS, create_pool, create_redis
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
-from shared.migrate import discover, migrate
+from shared.migrate import discover, migrate, migrations_dir
 from shared.outbox import enqueue
 from tests.helpers import eventually
 from tests.test_autopipeline import silent_server
@@ -538,6 +538,44 @@ async def test_maintenance_purges_and_counts_while_the_reconciler_fails(
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 2  # purged anyway
     assert REGISTRY.get_sample_value("relay_outbox_backlog") == 1  # counted anyway
     await dead_redis.aclose()
+
+
+async def test_migration_002_repairs_rows_that_are_not_json_objects(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Rows written before the outbox refused them: the migration gives up on the
+    unfinished one (its payload kept for an operator) instead of failing the deploy."""
+    dsn = pg_server.create_database("migrate_002")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        first = tmp_path / "only_001"
+        first.mkdir()
+        (first / "001_init.sql").write_text((migrations_dir() / "001_init.sql").read_text())
+        assert await migrate(dsn, first) == [1]
+        await conn.execute(
+            "INSERT INTO outbox (event_id, task_type, payload, headers, completed_at) VALUES"
+            " (gen_random_uuid(), 't', '[1]', '{}', NULL),"
+            " (gen_random_uuid(), 't', '{\"ok\": 1}', '\"x\"', now()),"
+            " (gen_random_uuid(), 't', '{\"ok\": 2}', '{}', NULL)"
+        )
+        assert await migrate(dsn) == [v for v, _ in discover(migrations_dir()) if v > 1]
+        rows = await conn.fetch(
+            "SELECT payload::text, headers::text, dead_lettered_at IS NOT NULL AS dead,"
+            " last_error FROM outbox ORDER BY id"
+        )
+        assert [(r["payload"], r["headers"], r["dead"]) for r in rows] == [
+            ('{"invalid": [1]}', "{}", True),
+            ('{"ok": 1}', "{}", False),  # finished: only repaired
+            ('{"ok": 2}', "{}", False),  # untouched
+        ]
+        assert rows[0]["last_error"].startswith("undecodable: ")
+        valid = await conn.fetchval(
+            "SELECT bool_and(convalidated) FROM pg_constraint WHERE conname LIKE 'outbox_%_is_object'"
+        )
+        assert valid is True
+    finally:
+        await conn.close()
 
 
 def test_migrations_run_in_version_order(tmp_path: Path) -> None:
