@@ -779,12 +779,37 @@ async def cmd_dead_replay(session: Session, args: argparse.Namespace) -> int:
 # -- purge ---------------------------------------------------------------------------------
 
 
+# A purged dead letter is an event given up on for good: its outbox row goes with it, so
+# that nothing (the reconciler, an operator requeueing dead-lettered rows after Redis lost
+# its data) sends it later, and the table does not keep it for ever.
+_FORGET = """
+DELETE FROM outbox
+WHERE event_id = ANY($1::uuid[]) AND dead_lettered_at IS NOT NULL AND completed_at IS NULL
+"""
+
+
+def _event_ids(letters: list[DeadLetter]) -> list[str]:
+    found = (_valid_uuid(dl.text("event_id")) for dl in letters)
+    return [event_id for event_id in found if event_id is not None]
+
+
 async def cmd_dead_purge(session: Session, args: argparse.Namespace) -> int:
+    """Postgres first, then Redis: a purge cut off in between leaves dead letters whose rows
+    are gone, and running it again finishes it; the other order would leave rows whose
+    dead letters are gone, which no later purge would find."""
     sel = _selection(args, allow_filters=False)
     queue = await session.queue()
     client: Any = queue.redis
+    pool = None if args.dry_run else await session.pool()
     tally = Tally()
     verb = "would purge" if args.dry_run else "purged"
+
+    async def purge(letters: list[DeadLetter]) -> int:
+        if pool is None or not letters:
+            return len(letters)
+        await pool.execute(_FORGET, _event_ids(letters))
+        return int(await client.xdel(queue.dead, *(dl.id for dl in letters)))
+
     if not sel.bulk:
         bar = _progress(len(sel.ids), args.quiet, "purge")
         try:
@@ -792,14 +817,17 @@ async def cmd_dead_purge(session: Session, args: argparse.Namespace) -> int:
                 chunk = sel.ids[start : start + PAGE_SIZE]
                 async with client.pipeline(transaction=False) as pipe:
                     for dead_id in chunk:
-                        if args.dry_run:
-                            pipe.xrange(queue.dead, min=dead_id, max=dead_id, count=1)
-                        else:
-                            pipe.xdel(queue.dead, dead_id)
-                    results = await pipe.execute()
-                for dead_id, res in zip(chunk, results, strict=True):
+                        pipe.xrange(queue.dead, min=dead_id, max=dead_id, count=1)
+                    found = [
+                        DeadLetter(_s(entries[0][0]), entries[0][1])
+                        for entries in await pipe.execute()
+                        if entries
+                    ]
+                await purge(found)
+                present = {dl.id for dl in found}
+                for dead_id in chunk:
                     bar.update(1)
-                    if res:
+                    if dead_id in present:
                         tally.done += 1
                         if not args.quiet:
                             _say(f"{verb} {dead_id}")
@@ -818,20 +846,17 @@ async def cmd_dead_purge(session: Session, args: argparse.Namespace) -> int:
     if not args.dry_run:
         _confirm(f"purge {total} dead letter(s) ({sel.describe()})", args.yes)
     bar = _progress(total, args.quiet, "purge")
-    batch: list[str] = []
+    batch: list[DeadLetter] = []
 
     async def flush() -> None:
-        if batch and not args.dry_run:
-            tally.done += int(await client.xdel(queue.dead, *batch))
-        elif batch:
-            tally.done += len(batch)
+        tally.done += await purge(batch)
         bar.update(len(batch))
         batch.clear()
 
     try:
         async for dl in scan_dead(client, queue.dead, end=last):
             if sel.matches(dl):
-                batch.append(dl.id)
+                batch.append(dl)
                 if len(batch) >= PAGE_SIZE:
                     await flush()
         await flush()

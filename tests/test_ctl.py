@@ -515,10 +515,15 @@ async def test_purge_by_id_and_by_age(
     ids = await pipe.make_dead_letters()
     capsys.readouterr()
 
+    async def outbox_events() -> set[str]:
+        return {str(r["event_id"]) for r in await pipe.pool.fetch("SELECT event_id FROM outbox")}
+
     assert await ctl("dead", "purge", ids["t0"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "purged 1, failed 0"
     assert ids["t0"] not in await pipe.dead_ids()
     assert await pipe.redis.xlen(DEAD) == 5
+    # Given up on for good: the event's outbox row goes too, the others stay.
+    assert await outbox_events() == {ids["event_t1"], ids["event_u0"]}
 
     assert await ctl("dead", "purge", "1-1") == 1  # not there
     assert "failed 1-1: no such dead letter" in capsys.readouterr().out
@@ -544,6 +549,12 @@ async def test_purge_by_id_and_by_age(
 
     assert await ctl("dead", "purge", "--older-than", "7x") == 2
     assert "invalid duration" in capsys.readouterr().err
+
+    assert await ctl("dead", "purge", "--all", "--yes", "--dry-run") == 0
+    assert await pipe.redis.xlen(DEAD) == 4
+    assert await ctl("dead", "purge", "--all", "--yes", "--quiet") == 0
+    assert await pipe.redis.xlen(DEAD) == 0
+    assert await outbox_events() == set()
 
 
 # -- configuration and errors --------------------------------------------------------------
