@@ -81,7 +81,10 @@ class Envelope:
         except (ValueError, TypeError) as e:
             raise EnvelopeError(f"malformed envelope: bad id: {e!r}") from e
         if doc.get("v") != ENVELOPE_VERSION:
-            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}", event_id)
+            # No event id: a newer producer's envelope (a rolling deploy) is not broken, and
+            # its row must stay unfinished, for the reconciler to publish it again until a
+            # worker that reads it takes it.
+            raise EnvelopeError(f"unsupported envelope version {doc.get('v')!r}")
         try:
             task_type = doc["type"]
             payload = doc["payload"]

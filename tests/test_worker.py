@@ -361,25 +361,29 @@ async def test_permanent_error_unknown_type_and_garbage_dead_letter_at_once(
 async def test_an_undecodable_entry_with_a_readable_id_marks_its_event_dead_lettered(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
-    """An envelope broken past its id (a payload that is not an object, a newer version):
-    the outbox row is marked dead-lettered, or the reconciler would find the event
-    unfinished and publish it again, to be dead-lettered again, for ever."""
-    (event_id,) = await publish(1, task="never_run")
+    """An envelope broken past its id (a payload that is not an object): the outbox row is
+    marked dead-lettered, or the reconciler would find the event unfinished and publish it
+    again, to be dead-lettered again, for ever. One of a newer version (a rolling deploy)
+    is not broken: its row stays unfinished, for a worker that reads it."""
+    broken, newer = await publish(2, task="never_run")
     client: Any = redis
     await client.xtrim(STREAM, maxlen=0)
-    doc = {"v": 1, "id": event_id, "type": "t", "payload": [1], "created_at": "2026-01-01"}
+    doc = {"v": 1, "id": broken, "type": "t", "payload": [1], "created_at": "2026-01-01"}
     await client.xadd(STREAM, {"e": orjson.dumps(doc)})
-    await client.xadd(STREAM, {"e": orjson.dumps({**doc, "v": 99, "payload": {}})})
+    await client.xadd(STREAM, {"e": orjson.dumps({**doc, "id": newer, "v": 2, "payload": {}})})
     worker = make_worker()
     await worker.setup()
     await worker.run_once()
     letters = await dead_letters(redis)
     assert [d["reason"] for d in letters] == ["undecodable", "undecodable"]
-    assert [d["event_id"] for d in letters] == [event_id, event_id]
-    row = await pool.fetchrow("SELECT dead_lettered_at, last_error FROM outbox")
-    assert row is not None
-    assert row["dead_lettered_at"] is not None
-    assert row["last_error"].startswith("undecodable: ")
+    assert sorted(d["event_id"] for d in letters) == sorted([broken, ""])
+    rows = await pool.fetch(
+        "SELECT event_id::text, dead_lettered_at IS NOT NULL AS dead, last_error FROM outbox"
+    )
+    by_event = {r["event_id"]: r for r in rows}
+    assert by_event[broken]["dead"]
+    assert by_event[broken]["last_error"].startswith("undecodable: ")
+    assert not by_event[newer]["dead"]
 
 
 async def test_an_error_text_no_store_takes_as_it_is_still_dead_lettered(
