@@ -186,6 +186,23 @@ async def test_a_fractional_link_lifetime_is_kept(
     assert "expires in 0.5 minutes" in text_part(msg)
 
 
+async def test_a_new_email_ends_the_link_of_the_one_before(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    """A resend's email makes its link the only one that works ("use the link from your
+    most recent email"); a redelivery of the same event changes nothing."""
+    await add_user(pool)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    await verify_app.send_verify_email(context(pool, redis, state, first))
+    await verify_app.send_verify_email(context(pool, redis, state, second))
+    await verify_app.send_verify_email(context(pool, redis, state, second))  # redelivered
+    usable = await pool.fetch(
+        "SELECT event_id::text FROM verify_emails WHERE expires_at > now() AND used_at IS NULL"
+    )
+    assert [r["event_id"] for r in usable] == [second]
+    assert len(smtp_sink.messages()) == 2
+
+
 async def test_a_resend_for_a_user_verified_meanwhile_sends_nothing(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
 ) -> None:

@@ -156,4 +156,12 @@ async def send_verify_email(ctx: TaskContext) -> None:
         )
         await mailer.send(message)
         await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
+        # The link of the most recent email is the one that works (a resend): earlier
+        # unused ones end now, so one account never has two usable links.
+        await conn.execute(
+            "UPDATE verify_emails SET expires_at = now()"
+            " WHERE username = $1 AND id <> $2 AND used_at IS NULL AND expires_at > now()",
+            username,
+            row["id"],
+        )
     logger.info("verify_email_sent", extra={"event_id": ctx.event_id, "email_id": row["id"]})
