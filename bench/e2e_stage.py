@@ -248,6 +248,8 @@ class Window:
     sent: int = 0
     ok: int = 0
     errors: int = 0
+    # Errors by HTTP status ("0": no answer, a connection error or a timeout).
+    error_statuses: dict[str, int] = field(default_factory=dict)
     http: list[float] = field(default_factory=list)  # from the scheduled send time
     send_lag: list[float] = field(default_factory=list)
     backlog: list[tuple[float, int]] = field(default_factory=list)
@@ -274,6 +276,7 @@ class Window:
             "sent": self.sent,
             "ok": self.ok,
             "errors": self.errors,
+            "error_statuses": self.error_statuses,
             "http_ms_p50_p95_p99": triple(self.http),
             "e2e_ms_p50_p95_p99": triple(self.e2e),
             "commit_to_xadd_ms_p50_p95_p99": triple(self.to_xadd),
@@ -340,6 +343,7 @@ async def open_loop(
             ok_box[0] += 1
         else:
             w.errors += 1
+            w.error_statuses[str(status)] = w.error_statuses.get(str(status), 0) + 1
 
     async def sample() -> None:
         started = time.perf_counter()
@@ -369,6 +373,7 @@ async def open_loop(
             task.cancel()
         await asyncio.wait(stuck, timeout=5)
         w.errors += len(stuck)
+        w.error_statuses["0"] = w.error_statuses.get("0", 0) + len(stuck)
     w.http_done_after = time.perf_counter() - last_send
     w.ok = ok_box[0]
     while int(await r.llen(LATENCY_KEY)) < w.ok and time.perf_counter() - last_send < 60:  # noqa: ASYNC110
@@ -627,7 +632,8 @@ async def run(
                 "ms",
                 (cheap_med + tx_med) * 1000,
                 "hash median + bare tx",
-                note=f"p50/p95/p99 {fmt3(h)}; {w.errors} errors",
+                note=f"p50/p95/p99 {fmt3(h)}; {w.errors} errors"
+                + (f" (by status: {w.error_statuses})" if w.errors else ""),
             )
         )
         is500 = w.rate == 500
