@@ -64,7 +64,7 @@ async def test_sends_one_multipart_email_with_a_working_code(
     (msg,) = smtp_sink.messages()
     assert msg["To"] == "Alice Liddell <alice@example.com>"
     assert msg["From"] == "Signup <no-reply@signup.test>"
-    assert msg["Message-ID"] == f"<{event_id}@signup.test>"
+    assert msg["Date"] is not None
     assert msg.is_multipart()
     assert {p.get_content_type() for p in msg.iter_parts()} == {"text/plain", "text/html"}
     link = verify_link(msg)
@@ -74,6 +74,7 @@ async def test_sends_one_multipart_email_with_a_working_code(
     assert row is not None
     assert bytes(row["secret_code_hash"]) == hash_code(params["secret_code"])
     assert row["sent_at"] is not None
+    assert msg["Message-ID"] == f"<verify-email.{row['id']}@signup.test>"
     # Only the hash is stored: the code itself is nowhere in the database.
     assert params["secret_code"] not in str(dict(row))
     assert "15 minutes" in text_part(msg)
@@ -123,6 +124,36 @@ async def test_failed_send_rolls_back_and_a_retry_sends_a_fresh_code(
     smtp_sink.handler.fail_with = ""
     await verify_app.send_verify_email(context(pool, redis, state, event_id, attempt=2))
     assert len(smtp_sink.messages()) == 1
+
+
+async def test_a_send_whose_outcome_was_lost_is_sent_again_with_a_new_link_and_message_id(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    """The server took the message but its reply never came (or the worker died before
+    its commit): the record rolls back, and the retry's email carries a new link and a
+    new Message-ID. With the same Message-ID a mailbox that drops repeats (Gmail) would
+    keep only the first email, whose link no longer works."""
+
+    class ReplyLost(Mailer):
+        async def send(self, message: EmailMessage) -> None:
+            await super().send(message)
+            raise ConnectionResetError("connection reset after DATA")
+
+    await add_user(pool)
+    event_id = str(uuid.uuid4())
+    mailer = state["mailer"]
+    state["mailer"] = ReplyLost(mailer.config)
+    with pytest.raises(ConnectionResetError):
+        await verify_app.send_verify_email(context(pool, redis, state, event_id))
+    state["mailer"] = mailer
+    await verify_app.send_verify_email(context(pool, redis, state, event_id, attempt=2))
+    first, second = smtp_sink.messages()
+    assert first["Message-ID"] != second["Message-ID"]
+    (row,) = await pool.fetch("SELECT id, secret_code_hash FROM verify_emails")
+    dead, works = link_params(verify_link(first)), link_params(verify_link(second))
+    assert int(works["email_id"]) == row["id"]
+    assert bytes(row["secret_code_hash"]) == hash_code(works["secret_code"])
+    assert int(dead["email_id"]) != row["id"]
 
 
 async def test_smtp_refusing_connections_is_retryable(

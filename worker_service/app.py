@@ -6,14 +6,16 @@ The handler is idempotent. Its effect record is the verify_emails row keyed by t
 id: a delivery inserts it (or finds it) and locks it, so two deliveries of one event at the
 same moment serialise on Postgres; the one that comes second finds `sent_at` set and does
 nothing. The mail is sent while the row is locked and `sent_at` commits right after, so a
-second email can only come from a crash between the SMTP send and that commit.
+second email can only come from a crash between the SMTP send and that commit; that one
+carries a new link, which works, and a new Message-ID. A worker sends at most DB_POOL_SIZE
+emails at once: each send holds its connection.
 """
 
 from __future__ import annotations
 
 import logging
 from email.message import EmailMessage
-from email.utils import formataddr, parseaddr
+from email.utils import formataddr, formatdate, parseaddr
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -46,16 +48,19 @@ class VerifyEmailSettings(BaseSettings):
 
 
 def build_message(
-    cfg: VerifyEmailSettings, *, to: str, full_name: str, link: str, event_id: str
+    cfg: VerifyEmailSettings, *, to: str, full_name: str, link: str, message_id: int
 ) -> EmailMessage:
+    """`message_id`: the verification record's id, one per link. A second email for one
+    event (a crash between the send and its commit rolled the first record back) carries
+    a new link and so a new Message-ID: mail systems that drop a repeated Message-ID (as
+    Gmail does) would otherwise keep the first email, whose link no longer works."""
     sender_domain = parseaddr(cfg.mail_from)[1].rpartition("@")[2] or "localhost"
     msg = EmailMessage()
     msg["From"] = cfg.mail_from
     msg["To"] = formataddr((full_name, to))
     msg["Subject"] = "Confirm your email address"
-    # Derived from the event: a redelivered send carries the same Message-ID, so mail
-    # systems that deduplicate on it show one message.
-    msg["Message-ID"] = f"<{event_id}@{sender_domain}>"
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = f"<verify-email.{message_id}@{sender_domain}>"
     minutes = f"{cfg.verify_ttl_minutes:g}"
     text = (
         f"Hello {full_name},\n\n"
@@ -96,17 +101,18 @@ async def send_verify_email(ctx: TaskContext) -> None:
     username = ctx.payload.get("username")
     if not isinstance(username, str):
         raise PermanentError("payload has no username")
+    # Read before the transaction, which holds its lock through the SMTP send: a lock on
+    # users for that long would queue an ALTER TABLE users, and every signup behind it.
+    user = await ctx.pool.fetchrow(
+        "SELECT full_name, email, is_email_verified FROM users WHERE username = $1", username
+    )
+    if user is None:
+        raise PermanentError("user does not exist")
+    if user["is_email_verified"]:
+        # Verified through an earlier email while this one (a resend) waited.
+        logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
+        return
     async with ctx.pool.acquire() as conn, conn.transaction():
-        user = await conn.fetchrow(
-            "SELECT full_name, email, is_email_verified FROM users WHERE username = $1",
-            username,
-        )
-        if user is None:
-            raise PermanentError("user does not exist")
-        if user["is_email_verified"]:
-            # Verified through an earlier email while this one (a resend) waited.
-            logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
-            return
         code = new_code()
         ttl_seconds = cfg.verify_ttl_minutes * 60  # make_interval(mins =>) takes whole minutes
         await conn.execute(
@@ -152,15 +158,16 @@ async def send_verify_email(ctx: TaskContext) -> None:
         if to is None:
             raise PermanentError("the address needs SMTPUTF8, which is not supported")
         message = build_message(
-            cfg, to=to, full_name=user["full_name"], link=link, event_id=ctx.event_id
+            cfg, to=to, full_name=user["full_name"], link=link, message_id=row["id"]
         )
         await mailer.send(message)
         await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
-        # The link of the most recent email is the one that works (a resend): earlier
-        # unused ones end now, so one account never has two usable links.
+        # The link of the most recent email is the one that works (a resend): the
+        # account's earlier unused links end now. Earlier only (smaller ids): two sends for
+        # one account committing at once must not end each other's links.
         await conn.execute(
             "UPDATE verify_emails SET expires_at = now()"
-            " WHERE username = $1 AND id <> $2 AND used_at IS NULL AND expires_at > now()",
+            " WHERE username = $1 AND id < $2 AND used_at IS NULL AND expires_at > now()",
             username,
             row["id"],
         )
