@@ -18,9 +18,12 @@ from shared.verification import hash_code
 
 logger = logging.getLogger(__name__)
 
+# Locked: a link used or ended by a newer email between this read and the UPDATE below
+# would otherwise be answered "already used" for an address that is not verified.
 _LOOKUP = """
 SELECT id, username, email, secret_code_hash, used_at, sent_at, expires_at < now() AS expired
 FROM verify_emails WHERE id = $1
+FOR UPDATE
 """
 _USE = """
 UPDATE verify_emails SET used_at = now()

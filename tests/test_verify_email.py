@@ -234,6 +234,26 @@ async def test_a_new_email_ends_the_link_of_the_one_before(
     assert len(smtp_sink.messages()) == 2
 
 
+async def test_two_sends_for_one_account_at_once_leave_one_working_link(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    """The signup's email and a resend, both retried when the SMTP server comes back, run
+    at once: one after the other per account, so the second ends the first one's link."""
+    await add_user(pool)
+    smtp_sink.handler.delay_seconds = 0.3
+    await asyncio.gather(
+        *(
+            verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+            for _ in range(2)
+        )
+    )
+    assert len(smtp_sink.messages()) == 2
+    usable = await pool.fetchval(
+        "SELECT count(*) FROM verify_emails WHERE expires_at > now() AND used_at IS NULL"
+    )
+    assert usable == 1
+
+
 async def test_a_resend_for_a_user_verified_meanwhile_sends_nothing(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
 ) -> None:

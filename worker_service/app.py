@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 router = Router()
 
+# The first key of the advisory lock a send takes per account (the second is the username's
+# hash): a constant of its own, apart from the migrations' lock.
+_SEND_LOCK = 727_002
+
 
 class VerifyEmailSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -113,6 +117,11 @@ async def send_verify_email(ctx: TaskContext) -> None:
         logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
         return
     async with ctx.pool.acquire() as conn, conn.transaction():
+        # One send at a time per account (the signup's email and a resend both retried when
+        # the SMTP server comes back): each sees the one before it, committed, and ends its
+        # link below, so only the last email's link works. An advisory lock, not a row lock
+        # on users, so that nothing else waits on it.
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _SEND_LOCK, username)
         code = new_code()
         ttl_seconds = cfg.verify_ttl_minutes * 60  # make_interval(mins =>) takes whole minutes
         await conn.execute(
@@ -163,11 +172,10 @@ async def send_verify_email(ctx: TaskContext) -> None:
         await mailer.send(message)
         await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
         # The link of the most recent email is the one that works (a resend): the
-        # account's earlier unused links end now. Earlier only (smaller ids): two sends for
-        # one account committing at once must not end each other's links.
+        # account's other unused links end now.
         await conn.execute(
             "UPDATE verify_emails SET expires_at = now()"
-            " WHERE username = $1 AND id < $2 AND used_at IS NULL AND expires_at > now()",
+            " WHERE username = $1 AND id <> $2 AND used_at IS NULL AND expires_at > now()",
             username,
             row["id"],
         )
