@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from devstack.smtp_sink import SmtpSink
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from shared.envelope import Envelope
-from shared.errors import PermanentError, RetryableError
+from shared.errors import ConfigError, PermanentError, RetryableError
 from shared.verification import hash_code
 from tests.helpers import link_params, text_part, verify_link
 from worker_service import app as verify_app
@@ -316,11 +316,41 @@ def test_smtp_url_parsing() -> None:
     assert (c.port, c.use_tls, c.start_tls, c.username) == (1025, False, False, None)
     assert SmtpConfig.from_url("smtp://m?starttls=require").start_tls is True
     assert SmtpConfig.from_url("smtp://m").port == 25
+    assert SmtpConfig.from_url("smtp://m").start_tls is None  # upgrades when offered
+    # With a password, TLS is required: a STARTTLS a man in the middle stripped from the
+    # server's answer must not send it in clear. Only an explicit off says otherwise.
+    assert SmtpConfig.from_url("smtp://u:p@m").start_tls is True
+    assert SmtpConfig.from_url("smtp://u:p@m?starttls=off").start_tls is False
+    with pytest.raises(ConfigError, match="starttls='required'"):
+        SmtpConfig.from_url("smtp://u:p@m?starttls=required")
 
 
-async def scripted_smtp(replies: dict[str, str]) -> tuple[asyncio.Server, int]:
+async def test_a_password_is_not_sent_to_a_server_that_offers_no_starttls() -> None:
+    """The server (or a man in the middle) offers AUTH and no STARTTLS: the send fails,
+    retried, and no AUTH command goes out."""
+    seen: list[str] = []
+    server, port = await scripted_smtp({"EHLO": "250-scripted\r\n250 AUTH PLAIN LOGIN"}, seen)
+    message = EmailMessage()
+    message["From"] = "a@signup.test"
+    message["To"] = "b@example.com"
+    message.set_content("hi")
+    try:
+        mailer = Mailer(SmtpConfig.from_url(f"smtp://user:secret@127.0.0.1:{port}", 5))
+        with pytest.raises(RetryableError):
+            await mailer.send(message)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert "EHLO" in seen
+    assert "AUTH" not in seen
+
+
+async def scripted_smtp(
+    replies: dict[str, str], seen: list[str] | None = None
+) -> tuple[asyncio.Server, int]:
     """An SMTP server that answers from a script: the greeting and each verb's reply,
-    where a test sets a refusal; anything unscripted is accepted."""
+    where a test sets a refusal; anything unscripted is accepted. `seen` collects the
+    verbs the client sent."""
     defaults = {
         "greeting": "220 scripted ESMTP",
         "EHLO": "250-scripted\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN",
@@ -333,6 +363,8 @@ async def scripted_smtp(replies: dict[str, str]) -> tuple[asyncio.Server, int]:
         writer.write(script["greeting"].encode() + b"\r\n")
         while line := await reader.readline():
             verb = line.split(b" ", 1)[0].strip().upper().decode()
+            if seen is not None:
+                seen.append(verb)
             writer.write(script.get(verb, "250 ok").encode() + b"\r\n")
             await writer.drain()
             if verb == "QUIT" or script["greeting"].startswith("5"):
@@ -365,7 +397,8 @@ async def test_refusals_of_the_connection_tls_or_login_are_retried(
     message.set_content("hi")
     try:
         mailer = Mailer(SmtpConfig.from_url(f"smtp://{auth}127.0.0.1:{port}{query}", 5))
-        with pytest.raises(RetryableError):
+        code = next(iter(replies.values()))[:3]  # the scripted refusal, not any failure
+        with pytest.raises(RetryableError, match=f"SMTP {code}"):
             await mailer.send(message)
     finally:
         server.close()

@@ -9,7 +9,10 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
-from shared.errors import PermanentError, RetryableError
+from shared.errors import ConfigError, PermanentError, RetryableError
+
+# ?starttls= in SMTP_URL: None upgrades when the server offers it (with no credentials).
+_STARTTLS_MODES: dict[str, bool | None] = {"auto": None, "require": True, "off": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,19 +27,30 @@ class SmtpConfig:
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 30.0) -> SmtpConfig:
-        """smtp://user:pass@host:port (STARTTLS when offered) or smtps://... (implicit TLS).
+        """smtp://host:port (STARTTLS when offered), smtp://user:pass@host:port (STARTTLS
+        required: a password never goes over a connection a man in the middle stripped of
+        TLS), or smtps://... (implicit TLS).
 
-        `?starttls=require` or `?starttls=off` overrides the default.
+        `?starttls=require` or `?starttls=off` overrides the default; anything else is a
+        ConfigError.
         """
         parts = urlsplit(url)
         implicit = parts.scheme == "smtps"
         query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
         mode = query.get("starttls", "auto")
-        start_tls = {"require": True, "off": False}.get(mode)
+        if mode not in _STARTTLS_MODES:
+            raise ConfigError(
+                f"invalid configuration: SMTP_URL: starttls={mode!r}: use require, off or"
+                " leave it out"
+            )
+        username = unquote(parts.username) if parts.username else None
+        start_tls = _STARTTLS_MODES[mode]
+        if start_tls is None and username is not None:
+            start_tls = True
         return cls(
             host=parts.hostname or "localhost",
             port=parts.port or (465 if implicit else 25),
-            username=unquote(parts.username) if parts.username else None,
+            username=username,
             password=unquote(parts.password) if parts.password else None,
             use_tls=implicit,
             start_tls=False if implicit else start_tls,
