@@ -144,17 +144,8 @@ async def send_verify_email(ctx: TaskContext) -> None:
         if row["sent_at"] is not None:
             logger.info("verify_email_already_sent", extra={"event_id": ctx.event_id})
             return
-        # An earlier attempt failed before sending: its code was never seen, make a new one.
-        await conn.execute(
-            """
-            UPDATE verify_emails
-            SET secret_code_hash = $2, expires_at = now() + make_interval(secs => $3)
-            WHERE id = $1
-            """,
-            row["id"],
-            hash_code(code),
-            ttl_seconds,
-        )
+        # Not sent: then it is the row this transaction inserted, with this code (a row
+        # commits only with its sent_at; an attempt that failed left nothing behind).
         link = (
             cfg.public_base_url.rstrip("/")
             + "/v1/verify_email?"
