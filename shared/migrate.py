@@ -55,7 +55,20 @@ def discover(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)  # by version: 1000_x.sql comes after 999_y.sql, not before
 
 
-async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
+# A migration waits at most this long for a lock (an ALTER TABLE behind a long transaction
+# would otherwise queue every write to the table behind itself), then rolls back and tries
+# again after a pause, up to LOCK_ATTEMPTS times.
+LOCK_TIMEOUT_MS = 5_000
+LOCK_ATTEMPTS = 12
+
+
+async def migrate(
+    dsn: str,
+    directory: Path | None = None,
+    *,
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+    lock_attempts: int = LOCK_ATTEMPTS,
+) -> list[int]:
     """Apply pending migrations; return the versions applied now."""
     conn = await asyncpg.connect(dsn)
     applied_now: list[int] = []
@@ -70,13 +83,25 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
         for version, path in discover(directory or migrations_dir()):
             if version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(path.read_text())
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    version,
-                    path.name,
-                )
+            for attempt in range(1, lock_attempts + 1):
+                try:
+                    async with conn.transaction():
+                        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                        await conn.execute(path.read_text())
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            version,
+                            path.name,
+                        )
+                    break
+                except asyncpg.LockNotAvailableError:
+                    if attempt == lock_attempts:
+                        raise
+                    logger.warning(
+                        "migration_lock_wait",
+                        extra={"version": version, "file": path.name, "attempt": attempt},
+                    )
+                    await asyncio.sleep(min(5.0, 0.2 * attempt))
             logger.info("migration_applied", extra={"version": version, "file": path.name})
             applied_now.append(version)
     finally:

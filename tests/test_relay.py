@@ -578,6 +578,45 @@ async def test_migration_002_repairs_rows_that_are_not_json_objects(
         await conn.close()
 
 
+async def test_a_migration_waiting_for_a_lock_lets_writes_pass_and_tries_again(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """A long transaction holds the table (a worker's send, say): the ALTER gives up its
+    place in the lock queue after lock_timeout, so the writes behind it go on, and it tries
+    again until the lock is free."""
+    dsn = pg_server.create_database("migrate_lock")
+    admin = await asyncpg.connect(dsn)
+    holder = await asyncpg.connect(dsn)
+    writer = await asyncpg.connect(dsn)
+    try:
+        await admin.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        await admin.execute("CREATE TABLE t (id int)")
+        (tmp_path / "001_alter.sql").write_text("ALTER TABLE t ADD COLUMN x int;")
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT * FROM t")  # an ACCESS SHARE lock, held
+        migrating = asyncio.ensure_future(
+            migrate(dsn, tmp_path, lock_timeout_ms=200, lock_attempts=50)
+        )
+        await asyncio.sleep(0.5)
+        # Between the ALTER's attempts an INSERT goes through (queued behind an ALTER
+        # that waits for ever, it would wait as long as the holder: past this bound).
+        await asyncio.wait_for(writer.execute("INSERT INTO t (id) VALUES (1)"), 5)
+        assert not migrating.done()
+        await tx.commit()
+        assert await asyncio.wait_for(migrating, 10) == [1]
+        assert (
+            await admin.fetchval(
+                "SELECT count(*) FROM information_schema.columns"
+                " WHERE table_name = 't' AND column_name = 'x'"
+            )
+            == 1
+        )
+    finally:
+        for conn in (admin, holder, writer):
+            await conn.close()
+
+
 def test_migrations_run_in_version_order(tmp_path: Path) -> None:
     for name in ("1000_later.sql", "999_earlier.sql", "0100_first.sql"):
         (tmp_path / name).write_text("SELECT 1;")
