@@ -674,6 +674,12 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
         raise
     if new_id is not None:
         await pool.execute(_TRACK, envelope.event_id, new_id)
+    elif found is not None:
+        # Someone else took the dead letter first. A purge (its row delete skipped the row
+        # this revive had just cleared) must not leave the event in flight, for the
+        # reconciler to publish; a concurrent replay's step 3 clears the mark again.
+        error = f"{dl.text('reason')}: {dl.text('error')}"[:2000]
+        await pool.execute(_REBURY, envelope.event_id, error, found["stream_id"])
     return new_id
 
 

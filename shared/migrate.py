@@ -58,8 +58,8 @@ def discover(directory: Path) -> list[tuple[int, Path]]:
 # A migration waits at most this long for a lock (an ALTER TABLE behind a long transaction
 # would otherwise queue every write to the table behind itself), then rolls back and tries
 # again after a pause, up to LOCK_ATTEMPTS times.
-LOCK_TIMEOUT_MS = 5_000
-LOCK_ATTEMPTS = 12
+LOCK_TIMEOUT_MS = 2_000
+LOCK_ATTEMPTS = 30
 
 
 async def migrate(

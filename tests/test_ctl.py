@@ -439,6 +439,31 @@ async def test_an_interrupted_replay_does_not_rebury_what_a_concurrent_replay_pu
     assert row["dead_lettered_at"] is None, "in the stream, yet dead-lettered in Postgres"
 
 
+async def test_a_replay_that_loses_its_dead_letter_to_a_purge_leaves_the_event_given_up(
+    pipe: Pipeline,
+) -> None:
+    """A purge takes the dead letter between a replay's revive and its script: the replay
+    finds nothing to put back, and the row goes back to dead-lettered instead of staying
+    in flight for the reconciler to publish the purged event."""
+    ids = await pipe.make_dead_letters()
+    dead_id = ids["t0"]
+    ((_, raw),) = await pipe.redis.xrange(DEAD, dead_id, dead_id)
+    dl = DeadLetter(dead_id, raw)
+    real = StreamQueue(pipe.redis, "default")
+
+    class PurgedMeanwhile:
+        dead = real.dead
+        redis = real.redis
+
+        async def replay_dead(self, *args: Any) -> Any:
+            assert await ctl("dead", "purge", dead_id, "--quiet") == 0
+            return await real.replay_dead(*args)
+
+    assert await replay_one(pipe.pool, PurgedMeanwhile(), dl) is None  # type: ignore[arg-type]
+    row = await pipe.row(ids["event_t0"])
+    assert row["dead_lettered_at"] is not None
+
+
 async def test_replay_all_needs_yes_then_skips_what_has_no_envelope(
     pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
 ) -> None:

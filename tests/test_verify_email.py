@@ -74,7 +74,7 @@ async def test_sends_one_multipart_email_with_a_working_code(
     assert row is not None
     assert bytes(row["secret_code_hash"]) == hash_code(params["secret_code"])
     assert row["sent_at"] is not None
-    assert msg["Message-ID"] == f"<verify-email.{row['id']}@signup.test>"
+    assert msg["Message-ID"] == f"<verify-email.{row['id']}.{event_id}@signup.test>"
     # Only the hash is stored: the code itself is nowhere in the database.
     assert params["secret_code"] not in str(dict(row))
     assert "15 minutes" in text_part(msg)
@@ -256,6 +256,53 @@ async def test_two_sends_for_one_account_at_once_leave_one_working_link(
         "SELECT count(*) FROM verify_emails WHERE expires_at > now() AND used_at IS NULL"
     )
     assert usable == 1
+
+
+async def test_a_user_verified_while_the_send_waits_for_the_account_gets_no_email(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
+) -> None:
+    """Another send for the account holds its lock; meanwhile the person verifies through
+    that earlier email. The waiting send reads the user once it has the lock: no email."""
+    await add_user(pool)
+    async with pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))", verify_app._SEND_LOCK, "alice"
+        )
+        send = asyncio.ensure_future(
+            verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+        )
+        await asyncio.sleep(0.3)
+        await pool.execute("UPDATE users SET is_email_verified = true WHERE username = 'alice'")
+        await tx.commit()
+    await send
+    assert smtp_sink.messages() == []
+
+
+async def test_a_send_that_waits_too_long_for_the_account_is_retried_and_frees_its_connection(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    state: dict[str, Any],
+    smtp_sink: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(verify_app, "_SEND_LOCK_WAIT_MS", 200)
+    await add_user(pool)
+    async with pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))", verify_app._SEND_LOCK, "alice"
+        )
+        in_use = pool.get_size() - pool.get_idle_size()
+        with pytest.raises(RetryableError, match="being sent"):
+            await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+        assert pool.get_size() - pool.get_idle_size() == in_use  # its connection went back
+        await tx.rollback()
+    assert smtp_sink.messages() == []
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    assert len(smtp_sink.messages()) == 1
 
 
 async def test_a_resend_for_a_user_verified_meanwhile_sends_nothing(

@@ -20,13 +20,14 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
+import asyncpg
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import settings as settings_mod
 from shared.addresses import ascii_address
 from shared.constants import TASK_SEND_VERIFY_EMAIL
-from shared.errors import PermanentError
+from shared.errors import PermanentError, RetryableError
 from shared.settings import HttpUrl, SmtpUrl
 from shared.verification import hash_code, new_code
 from worker_service.mailer import Mailer, SmtpConfig
@@ -37,8 +38,10 @@ logger = logging.getLogger(__name__)
 router = Router()
 
 # The first key of the advisory lock a send takes per account (the second is the username's
-# hash): a constant of its own, apart from the migrations' lock.
+# hash): a constant of its own, apart from the migrations' lock. A delivery waits for it at
+# most _SEND_LOCK_WAIT_MS, then gives its pooled connection back and is retried.
 _SEND_LOCK = 727_002
+_SEND_LOCK_WAIT_MS = 5_000
 
 
 class VerifyEmailSettings(BaseSettings):
@@ -52,19 +55,27 @@ class VerifyEmailSettings(BaseSettings):
 
 
 def build_message(
-    cfg: VerifyEmailSettings, *, to: str, full_name: str, link: str, message_id: int
+    cfg: VerifyEmailSettings,
+    *,
+    to: str,
+    full_name: str,
+    link: str,
+    message_id: int,
+    event_id: str,
 ) -> EmailMessage:
     """`message_id`: the verification record's id, one per link. A second email for one
     event (a crash between the send and its commit rolled the first record back) carries
     a new link and so a new Message-ID: mail systems that drop a repeated Message-ID (as
-    Gmail does) would otherwise keep the first email, whose link no longer works."""
+    Gmail does) would otherwise keep the first email, whose link no longer works. The event
+    id beside it keeps the Message-ID unique beyond this database (a restore, staging and
+    production sending from one domain)."""
     sender_domain = parseaddr(cfg.mail_from)[1].rpartition("@")[2] or "localhost"
     msg = EmailMessage()
     msg["From"] = cfg.mail_from
     msg["To"] = formataddr((full_name, to))
     msg["Subject"] = "Confirm your email address"
     msg["Date"] = formatdate(localtime=False, usegmt=True)
-    msg["Message-ID"] = f"<verify-email.{message_id}@{sender_domain}>"
+    msg["Message-ID"] = f"<verify-email.{message_id}.{event_id}@{sender_domain}>"
     minutes = f"{cfg.verify_ttl_minutes:g}"
     text = (
         f"Hello {full_name},\n\n"
@@ -105,23 +116,34 @@ async def send_verify_email(ctx: TaskContext) -> None:
     username = ctx.payload.get("username")
     if not isinstance(username, str):
         raise PermanentError("payload has no username")
-    # Read before the transaction, which holds its lock through the SMTP send: a lock on
-    # users for that long would queue an ALTER TABLE users, and every signup behind it.
-    user = await ctx.pool.fetchrow(
-        "SELECT full_name, email, is_email_verified FROM users WHERE username = $1", username
-    )
-    if user is None:
-        raise PermanentError("user does not exist")
-    if user["is_email_verified"]:
-        # Verified through an earlier email while this one (a resend) waited.
-        logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
-        return
     async with ctx.pool.acquire() as conn, conn.transaction():
         # One send at a time per account (the signup's email and a resend both retried when
         # the SMTP server comes back): each sees the one before it, committed, and ends its
         # link below, so only the last email's link works. An advisory lock, not a row lock
-        # on users, so that nothing else waits on it.
-        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _SEND_LOCK, username)
+        # on users, so that nothing else waits on it. A send that waits longer than
+        # _SEND_LOCK_WAIT_MS gives its connection back and is retried.
+        await conn.execute(f"SET LOCAL lock_timeout = {int(_SEND_LOCK_WAIT_MS)}")
+        try:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _SEND_LOCK, username
+            )
+        except asyncpg.LockNotAvailableError:
+            raise RetryableError("another email to this account is being sent") from None
+        await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+        # Read under the lock: a person who verified through the email sent while this
+        # delivery waited gets no other. (The INSERT below takes a key-share lock on the
+        # user's row, for its foreign key: an ALTER TABLE users waits for the send;
+        # migrations give up such a wait after a few seconds and try again.)
+        user = await conn.fetchrow(
+            "SELECT full_name, email, is_email_verified FROM users WHERE username = $1",
+            username,
+        )
+        if user is None:
+            raise PermanentError("user does not exist")
+        if user["is_email_verified"]:
+            # Verified through an earlier email while this one (a resend) waited.
+            logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
+            return
         code = new_code()
         ttl_seconds = cfg.verify_ttl_minutes * 60  # make_interval(mins =>) takes whole minutes
         await conn.execute(
@@ -158,7 +180,12 @@ async def send_verify_email(ctx: TaskContext) -> None:
         if to is None:
             raise PermanentError("the address needs SMTPUTF8, which is not supported")
         message = build_message(
-            cfg, to=to, full_name=user["full_name"], link=link, message_id=row["id"]
+            cfg,
+            to=to,
+            full_name=user["full_name"],
+            link=link,
+            message_id=row["id"],
+            event_id=ctx.event_id,
         )
         await mailer.send(message)
         await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
