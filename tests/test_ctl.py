@@ -122,6 +122,10 @@ class Pipeline:
         assert len(by_label) == 8
         return by_label
 
+    async def dead_letter(self, dead_id: str) -> DeadLetter:
+        ((_, raw),) = await self.redis.xrange(DEAD, dead_id, dead_id)
+        return DeadLetter(dead_id, raw)
+
     async def dead_ids(self) -> list[str]:
         return [sid.decode() for sid, _ in await self.redis.xrange(DEAD)]
 
@@ -415,8 +419,7 @@ async def test_an_interrupted_replay_does_not_rebury_what_a_concurrent_replay_pu
 
     ids = await pipe.make_dead_letters()
     dead_id = ids["t0"]
-    ((_, raw),) = await pipe.redis.xrange(DEAD, dead_id, dead_id)
-    dl = DeadLetter(dead_id, raw)
+    dl = await pipe.dead_letter(dead_id)
     real = StreamQueue(pipe.redis, "default")
 
     class RacingRedis:
@@ -447,8 +450,7 @@ async def test_a_replay_that_loses_its_dead_letter_to_a_purge_leaves_the_event_g
     in flight for the reconciler to publish the purged event."""
     ids = await pipe.make_dead_letters()
     dead_id = ids["t0"]
-    ((_, raw),) = await pipe.redis.xrange(DEAD, dead_id, dead_id)
-    dl = DeadLetter(dead_id, raw)
+    dl = await pipe.dead_letter(dead_id)
     real = StreamQueue(pipe.redis, "default")
 
     class PurgedMeanwhile:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
@@ -53,6 +55,28 @@ def context(
 ) -> TaskContext:
     env = Envelope(event_id, TASK_SEND_VERIFY_EMAIL, {"username": username}, datetime.now(UTC))
     return TaskContext(env, attempt, "1-0", pool, redis, state)
+
+
+async def send_new_event(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any]
+) -> None:
+    """Run the handler for a new event of alice's (a signup's email, or a resend)."""
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+
+
+@contextlib.asynccontextmanager
+async def account_lock_held(pool: asyncpg.Pool[Any], username: str) -> AsyncIterator[Any]:
+    """Another send for the account holds its lock until the block ends (a rollback)."""
+    async with pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))", verify_app._SEND_LOCK, username
+        )
+        try:
+            yield holder
+        finally:
+            await tx.rollback()
 
 
 async def test_sends_one_multipart_email_with_a_working_code(
@@ -107,8 +131,8 @@ async def test_a_new_event_for_the_same_user_sends_a_new_email(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, state: dict[str, Any], smtp_sink: SmtpSink
 ) -> None:
     await add_user(pool)
-    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
-    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    await send_new_event(pool, redis, state)
+    await send_new_event(pool, redis, state)
     assert len(smtp_sink.messages()) == 2
 
 
@@ -168,7 +192,7 @@ async def test_smtp_refusing_connections_is_retryable(
     await add_user(pool)
     state["mailer"] = Mailer(SmtpConfig.from_url(f"smtp://127.0.0.1:{free_port()}", 2))
     with pytest.raises(RetryableError, match="SMTP unavailable"):
-        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+        await send_new_event(pool, redis, state)
 
 
 async def test_permanent_smtp_rejection_is_permanent(
@@ -177,7 +201,7 @@ async def test_permanent_smtp_rejection_is_permanent(
     await add_user(pool)
     smtp_sink.handler.fail_with = "550 5.1.1 No such mailbox"
     with pytest.raises(PermanentError, match="550"):
-        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+        await send_new_event(pool, redis, state)
 
 
 async def test_an_address_only_smtputf8_could_carry_is_permanent(
@@ -188,7 +212,7 @@ async def test_an_address_only_smtputf8_could_carry_is_permanent(
     await add_user(pool)
     await pool.execute("UPDATE users SET email = 'jos\u00e9@example.com'")
     with pytest.raises(PermanentError, match="SMTPUTF8"):
-        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+        await send_new_event(pool, redis, state)
     assert smtp_sink.messages() == []
 
 
@@ -197,7 +221,7 @@ async def test_an_internationalized_domain_is_sent_in_its_ascii_form(
 ) -> None:
     await add_user(pool)
     await pool.execute("UPDATE users SET email = 'alice@b\u00fccher.de'")
-    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    await send_new_event(pool, redis, state)
     (msg,) = smtp_sink.messages()
     assert msg["To"] == "Alice Liddell <alice@xn--bcher-kva.de>"
 
@@ -214,7 +238,7 @@ async def test_a_fractional_link_lifetime_is_kept(
     for hook in verify_app.router.startup_hooks:
         await hook(state)
     await add_user(pool)
-    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    await send_new_event(pool, redis, state)
     lifetime = await pool.fetchval("SELECT expires_at - created_at FROM verify_emails")
     assert 29 <= lifetime.total_seconds() <= 31
     (msg,) = smtp_sink.messages()
@@ -264,18 +288,10 @@ async def test_a_user_verified_while_the_send_waits_for_the_account_gets_no_emai
     """Another send for the account holds its lock; meanwhile the person verifies through
     that earlier email. The waiting send reads the user once it has the lock: no email."""
     await add_user(pool)
-    async with pool.acquire() as holder:
-        tx = holder.transaction()
-        await tx.start()
-        await holder.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))", verify_app._SEND_LOCK, "alice"
-        )
-        send = asyncio.ensure_future(
-            verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
-        )
+    async with account_lock_held(pool, "alice"):
+        send = asyncio.ensure_future(send_new_event(pool, redis, state))
         await asyncio.sleep(0.3)
         await pool.execute("UPDATE users SET is_email_verified = true WHERE username = 'alice'")
-        await tx.commit()
     await send
     assert smtp_sink.messages() == []
 
@@ -289,19 +305,13 @@ async def test_a_send_that_waits_too_long_for_the_account_is_retried_and_frees_i
 ) -> None:
     monkeypatch.setattr(verify_app, "_SEND_LOCK_WAIT_MS", 200)
     await add_user(pool)
-    async with pool.acquire() as holder:
-        tx = holder.transaction()
-        await tx.start()
-        await holder.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))", verify_app._SEND_LOCK, "alice"
-        )
+    async with account_lock_held(pool, "alice"):
         in_use = pool.get_size() - pool.get_idle_size()
         with pytest.raises(RetryableError, match="being sent"):
-            await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+            await send_new_event(pool, redis, state)
         assert pool.get_size() - pool.get_idle_size() == in_use  # its connection went back
-        await tx.rollback()
     assert smtp_sink.messages() == []
-    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    await send_new_event(pool, redis, state)
     assert len(smtp_sink.messages()) == 1
 
 
@@ -310,7 +320,7 @@ async def test_a_resend_for_a_user_verified_meanwhile_sends_nothing(
 ) -> None:
     await add_user(pool)
     await pool.execute("UPDATE users SET is_email_verified = true")
-    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    await send_new_event(pool, redis, state)
     assert smtp_sink.messages() == []
     assert await pool.fetchval("SELECT count(*) FROM verify_emails") == 0
 
@@ -340,7 +350,7 @@ async def test_only_refusals_of_this_message_are_permanent(
     attribute = {"mail": "fail_mail_with", "rcpt": "fail_rcpt_with", "data": "fail_with"}[stage]
     setattr(smtp_sink.handler, attribute, reply)  # the clean fixture resets it
     with pytest.raises(outcome, match=reply[:3]):
-        await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+        await send_new_event(pool, redis, state)
 
 
 async def test_missing_user_or_payload_is_permanent(
