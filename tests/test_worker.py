@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -175,6 +175,19 @@ def rec() -> Recorder:
 MakeWorker = Callable[..., Worker]
 
 
+@contextlib.asynccontextmanager
+async def running(worker: Worker, rec: Recorder | None = None) -> AsyncIterator[Worker]:
+    """The worker started for the block and stopped after it, whatever happens in it; with
+    `rec`, its "stubborn" handlers are let go first (they would hold the stop up)."""
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        if rec is not None:
+            rec.released = True
+        await worker.stop()
+
+
 @pytest.fixture
 def make_worker(
     pool: asyncpg.Pool[Any],
@@ -249,12 +262,9 @@ async def test_runs_entries_concurrently_up_to_the_limit(
     await publish(30)
     rec.sleep = 0.1
     worker = make_worker(concurrency=8)
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _is(len(rec.calls) == 30 and rec.running == 0))
         await eventually(lambda: _pending_is(redis, 0))
-    finally:
-        await worker.stop()
     assert rec.max_running == 8
 
 
@@ -272,12 +282,9 @@ async def test_failed_entry_is_retried_after_backoff_then_done(
     await publish(3)
     rec.fail_times = {"1": 2}
     worker = make_worker()
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _is(("1", 3) in rec.calls))
         await eventually(lambda: _pending_is(redis, 0))
-    finally:
-        await worker.stop()
     attempts = [a for i, a in rec.calls if i == "1"]
     assert attempts == [1, 2, 3]  # the delivery counter is the attempt number
     assert Counter(i for i, _ in rec.calls) == {"0": 1, "1": 3, "2": 1}
@@ -309,11 +316,8 @@ async def test_last_attempt_goes_to_dead_letters_with_the_reason(
     (event_id,) = await publish(1)
     rec.fail_times = {"0": 99}
     worker = make_worker()
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _dead_count_is(redis, 1))
-    finally:
-        await worker.stop()
     (dead,) = await dead_letters(redis)
     assert dead["reason"] == "max_attempts"
     assert dead["attempts"] == "3"
@@ -530,11 +534,8 @@ async def test_an_orphan_past_its_attempts_that_never_ran_alone_runs_alone_first
     client: Any = redis
     await client.xclaim(STREAM, CONSUMER_GROUP, "w1", 0, [beside.id], retrycount=3, justid=True)
     worker = make_worker(max_attempts=3)
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _pending_is(redis, 0), timeout=5)
-    finally:
-        await worker.stop()
     assert await dead_letters(redis) == []
     assert ("0", 4) in rec.calls
     assert rec.company["0"] == 1
@@ -641,11 +642,8 @@ async def test_restarted_consumer_reads_its_own_pending_first(
     await publish(4)
     await delivered_to(redis, "w1", 4)  # w1 took them, then its container restarted
     worker = make_worker()
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _pending_is(redis, 0))
-    finally:
-        await worker.stop()
     assert sorted(int(i) for i, _ in rec.calls) == [0, 1, 2, 3]
     assert all(a == 2 for _, a in rec.calls)
 
@@ -660,12 +658,9 @@ async def test_a_restart_runs_its_own_pending_entries_alone_before_new_ones(
     await publish(4, start=4)  # new entries, not yet read
     rec.sleep = 0.05
     worker = make_worker(concurrency=4)
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _is(len(rec.calls) == 8 and rec.running == 0), timeout=10)
         await eventually(lambda: _pending_is(redis, 0))
-    finally:
-        await worker.stop()
     assert sorted(int(i) for i, _ in rec.calls[:4]) == [0, 1, 2, 3]
     assert all(rec.company[str(i)] == 1 for i in range(4))
     assert all(a == 2 for _, a in rec.calls[:4])
@@ -760,13 +755,10 @@ async def test_a_read_under_way_when_an_orphan_is_taken_is_waited_for(
     await delivered_to(redis, "dead", 1)
     rec.sleep_for = {"0": 1.0}
     worker = make_worker(concurrency=4, visibility_timeout_seconds=0.5, block_ms=2000)
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _is(worker._held_orphan is not None), timeout=5)
         await publish(2, start=1)  # the read under way returns these
         await eventually(lambda: _is(len(rec.calls) == 3 and rec.running == 0), timeout=10)
-    finally:
-        await worker.stop()
     assert rec.company["0"] == 1, rec.company
 
 
@@ -779,12 +771,8 @@ async def test_a_handler_that_ignores_its_timeout_does_not_hold_an_orphan_back(
     await delivered_to(redis, "dead", 1)
     await publish(1, task="stubborn")
     worker = make_worker(visibility_timeout_seconds=0.5)
-    await worker.start()
-    try:
+    async with running(worker, rec):
         await eventually(lambda: _is(("5", 2) in rec.calls), timeout=5)
-    finally:
-        rec.released = True
-        await worker.stop()
 
 
 async def test_a_stop_renews_its_held_orphan_until_it_hands_it_back(
@@ -794,13 +782,10 @@ async def test_a_stop_renews_its_held_orphan_until_it_hands_it_back(
     worker takes it over meanwhile; once handed back, another takes it over, once."""
     worker, _ = await _orphan_beside_slow_entries(redis, publish, rec, make_worker, 1.5)
     other = make_worker(consumer_name="w2", visibility_timeout_seconds=0.3)
-    await other.start()
-    try:
+    async with running(other):
         await worker.stop(grace=5)  # longer than the visibility timeout
         await eventually(lambda: _is(("0", 2) in rec.calls and rec.running == 0), timeout=5)
         await eventually(lambda: _pending_is(redis, 0))
-    finally:
-        await other.stop()
     assert [c for c in rec.calls if c[0] == "0"] == [("0", 2)]
     assert rec.company["0"] == 1
 
@@ -825,11 +810,8 @@ async def test_an_own_orphan_whose_outcome_cannot_be_recorded_holds_up_nothing(
         raise RedisConnectionError("the dead-letter MULTI failed")
 
     monkeypatch.setattr(worker.queue, "dead_letter", failing)
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _is(len(rec.calls) == 3), timeout=5)
-    finally:
-        await worker.stop()
     owner = await _owner(redis, entry.id)
     assert owner is not None
     assert owner[:2] == ("w1", 2)  # read once before the restart, once after
@@ -961,14 +943,11 @@ async def test_worker_recreates_a_group_redis_lost(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     w = make_worker()
-    await w.start()
-    try:
+    async with running(w):
         await redis.flushall()  # stream and group gone
         await asyncio.sleep(0.3)
         await publish(3)
         await eventually(lambda: _is(len(rec.calls) == 3))
-    finally:
-        await w.stop()
 
 
 async def test_trim_keeps_everything_not_yet_acknowledged(
@@ -1127,14 +1106,10 @@ async def test_an_orphan_that_ignores_its_timeout_does_not_stall_the_worker(
     await publish(1, task="stubborn")
     await delivered_to(redis, "dead", 1)
     worker = make_worker(visibility_timeout_seconds=0.5)
-    await worker.start()
-    try:
+    async with running(worker, rec):
         await eventually(lambda: _is(worker._orphan is not None), timeout=5)
         await publish(3, start=10)
         await eventually(lambda: _is(len(rec.calls) == 3), timeout=5)
-    finally:
-        rec.released = True
-        await worker.stop()
 
 
 async def test_a_stop_keeps_its_grace_when_a_handler_ignores_cancellation(
@@ -1164,17 +1139,13 @@ async def test_a_held_orphan_runs_as_soon_as_the_last_live_handler_ends(
     await publish(1, start=1)
     rec.sleep_for = {"1": 4.0}
     worker = make_worker(concurrency=4, visibility_timeout_seconds=1.0, reclaim_interval_seconds=3)
-    await worker.start()
-    try:
+    async with running(worker, rec):
         await eventually(lambda: _is(("1", 1) in rec.calls), timeout=5)
         await eventually(lambda: _is(worker._held_orphan is not None), timeout=8)
         await eventually(lambda: _is(rec.running == 0), timeout=5)
         ended = time.monotonic()
         await eventually(lambda: _is(("0", 2) in rec.calls), timeout=10)
         late = time.monotonic() - ended
-    finally:
-        rec.released = True
-        await worker.stop()
     assert late < 1, f"the orphan ran {late:.2f} s after the last live handler ended"
 
 
@@ -1199,11 +1170,8 @@ async def test_an_orphan_is_recorded_before_the_next_orphan_starts(
         await inner(ctx)
 
     object.__setattr__(orig, "handler", handler)
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _is(len(rec.calls) == 2), timeout=5)
-    finally:
-        await worker.stop()
     assert snapshot == [(False, False)], snapshot
 
 
@@ -1228,12 +1196,9 @@ async def test_a_read_that_fails_wakes_the_held_orphan(
         return await real_read(*args)
 
     worker.queue.read = read  # type: ignore[method-assign,assignment]
-    await worker.start()
-    try:
+    async with running(worker):
         await eventually(lambda: _is(("0", 2) in rec.calls), timeout=10)
         late = time.monotonic() - failed[0]
-    finally:
-        await worker.stop()
     assert late < 1, f"the held orphan ran {late:.2f} s after the failed read ended"
 
 
@@ -1371,11 +1336,8 @@ async def test_no_read_starts_while_an_orphan_is_being_marked(
 
     w.queue.read = read  # type: ignore[method-assign,assignment]
     w.queue.mark_alone = mark_alone  # type: ignore[method-assign,assignment]
-    await w.start()
-    try:
+    async with running(w):
         await eventually(lambda: _is(len(rec.calls) == 3 and rec.running == 0), timeout=30)
-    finally:
-        await w.stop()
     assert rec.company["0"] == 1, rec.company
 
 
