@@ -39,6 +39,7 @@ from shared.envelope import Envelope
 from shared.errors import EnvelopeError, PermanentError
 from shared.lifecycle import LOOP_ERRORS, STOP_FLOOR_SECONDS, backoff_delay
 from shared.logs import request_id_var
+from shared.outbox import dead_letter_error
 from worker_service import metrics
 from worker_service.queue import Entry, PendingInfo, StreamQueue, retry_delay
 from worker_service.router import Route, Router, TaskContext
@@ -316,12 +317,20 @@ class Worker:
             held.add(self._held_orphan.id)
         return held
 
-    def _end_orphan_run(self) -> None:
-        """The orphan's run is over (or its timeout gave up on it): before new work, the
-        next pass looks for another orphan."""
-        self._orphan = None
-        self._draining = True
-        self._reclaim_now.set()
+    def _is_orphan(self, entry_id: str) -> bool:
+        """The entry is the orphan running alone."""
+        return self._orphan is not None and self._orphan.id == entry_id
+
+    def _handler_over(self, entry_id: str) -> None:
+        """A handler ended, or its timeout gave up on it (it may not give way: nothing
+        waits on it). The orphan's run is then over, and before new work the next pass
+        looks for another orphan; any other handler's end may free a held orphan."""
+        if self._is_orphan(entry_id):
+            self._orphan = None
+            self._draining = True
+            self._reclaim_now.set()
+        else:
+            self._wake_if_drained()
 
     def _wake_if_drained(self) -> None:
         """A held orphan may run now: the next reclaim pass, at once."""
@@ -531,10 +540,7 @@ class Worker:
         # The in-flight gauge is set per batch (in _take), not per entry.
         self._inflight.pop(entry_id, None)
         self._deliveries.pop(entry_id, None)
-        if self._orphan is not None and entry_id == self._orphan.id:
-            self._end_orphan_run()
-        else:
-            self._wake_if_drained()
+        self._handler_over(entry_id)
         self._slot_free.set()
 
     async def _guarded(self, entry: Entry) -> None:
@@ -542,7 +548,7 @@ class Worker:
         taken over after the visibility timeout. Log it; never lose the traceback."""
         try:
             await self._run_entry(entry)
-            if self._orphan is not None and self._orphan.id == entry.id:
+            if self._is_orphan(entry.id):
                 # Its run alone ended with an outcome: if its completion is never
                 # recorded, the next takeover must not take it for the killer.
                 await self.queue.clear_alone_marks([entry.id])
@@ -672,10 +678,7 @@ class Worker:
                 if deadline <= now:
                     self._timed_out.add(entry_id)
                     task.cancel()
-                    if self._orphan is not None and self._orphan.id == entry_id:
-                        self._end_orphan_run()  # it may not give way: do not wait on it
-                    else:
-                        self._wake_if_drained()
+                    self._handler_over(entry_id)
                 else:
                     soonest = min(soonest, deadline)
             await asyncio.sleep(soonest - now)
@@ -698,7 +701,7 @@ class Worker:
         async def record() -> None:
             # Postgres first: the reconciler must not publish again an event given up on.
             if event_id is not None:
-                await self.pool.execute(_MARK_DEAD, event_id, f"{reason}: {error}"[:2000])
+                await self.pool.execute(_MARK_DEAD, event_id, dead_letter_error(reason, error))
             await self.queue.dead_letter(
                 entry, reason=reason, error=error, event_id=event_id, task_type=task_type
             )

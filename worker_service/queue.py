@@ -41,7 +41,7 @@ if KEYS[3] then redis.call('SET', KEYS[3], id, 'XX', 'KEEPTTL') end
 return id
 """
 
-RENEW_CHUNK = 500  # ids per hand-over script: a few ms of Redis each
+HAND_OVER_CHUNK = 500  # ids per hand-over script: a few ms of Redis each
 # How long the mark of an orphan running alone lasts: until its next takeover (within the
 # visibility timeout, or at a restart); expired, the orphan gets one more run alone.
 ALONE_MARK_TTL_SECONDS = 86_400
@@ -258,9 +258,9 @@ class StreamQueue:
     ) -> int:
         idle = 10**12 if due_now else 0
         moved = 0
-        for i in range(0, len(ids), RENEW_CHUNK):  # a script blocks Redis while it runs
+        for i in range(0, len(ids), HAND_OVER_CHUNK):  # a script blocks Redis while it runs
             args: list[str | int] = [self.group, owner, to, idle]
-            for entry_id in ids[i : i + RENEW_CHUNK]:
+            for entry_id in ids[i : i + HAND_OVER_CHUNK]:
                 count = -1 if deliveries is None else max(0, deliveries.get(entry_id, 0))
                 args += [entry_id, count]
             moved += int(await self.redis.eval(_HAND_OVER_SCRIPT, 1, self.stream, *args))
