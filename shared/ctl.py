@@ -44,6 +44,7 @@ from shared.connections import create_pool, create_redis
 from shared.constants import DEFAULT_QUEUE, ENVELOPE_FIELD, RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
+from shared.outbox import dead_letter_error
 from shared.settings import PostgresUrl, QueueName, RedisUrl, load
 from worker_service.queue import StreamQueue
 
@@ -678,9 +679,15 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
         # Someone else took the dead letter first. A purge (its row delete skipped the row
         # this revive had just cleared) must not leave the event in flight, for the
         # reconciler to publish; a concurrent replay's step 3 clears the mark again.
-        error = f"{dl.text('reason')}: {dl.text('error')}"[:2000]
-        await pool.execute(_REBURY, envelope.event_id, error, found["stream_id"])
+        await _rebury(pool, dl, envelope.event_id, found["stream_id"])
     return new_id
+
+
+async def _rebury(
+    pool: asyncpg.Pool[Any], dl: DeadLetter, event_id: str, stream_id: str | None
+) -> None:
+    error = dead_letter_error(dl.text("reason"), dl.text("error"))
+    await pool.execute(_REBURY, event_id, error, stream_id)
 
 
 async def _rebury_if_not_replayed(
@@ -693,8 +700,7 @@ async def _rebury_if_not_replayed(
     """Best effort: where Redis cannot say, the row stays in flight (see replay_one)."""
     with contextlib.suppress(Exception):
         if await queue.redis.xrange(queue.dead, dl.id, dl.id, count=1):
-            error = f"{dl.text('reason')}: {dl.text('error')}"[:2000]
-            await pool.execute(_REBURY, event_id, error, stream_id)
+            await _rebury(pool, dl, event_id, stream_id)
 
 
 def _skip_reason(dl: DeadLetter) -> str | None:

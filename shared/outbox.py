@@ -48,3 +48,9 @@ async def enqueue(
         _INSERT, event_id, task_type, queue, payload, headers or {}, available_at, NOTIFY_CHANNEL
     )
     return event_id
+
+
+def dead_letter_error(reason: str, error: str) -> str:
+    """The `last_error` of a dead-lettered outbox row: the dead letter's reason and error,
+    bounded (the worker writes it; `outboxctl` writes it back when a replay is undone)."""
+    return f"{reason}: {error}"[:2000]
