@@ -16,7 +16,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -179,40 +179,50 @@ async def bare_chain(stack: Stack, samples: int, spacing: float) -> tuple[list[f
     return tx_times, latencies
 
 
-async def back_to_back_tx_times(stack: Stack, samples: int) -> list[float]:
-    """The API's signup statement on one connection, each sent as soon as the last one
-    returned, so that neither process sleeps in between (on this VM a process woken from
-    idle costs a good part of a millisecond)."""
+async def timed_calls(
+    stack: Stack,
+    samples: int,
+    spacing: float,
+    call: Callable[[asyncpg.Connection[Any], int], Awaitable[object]],
+    warmup: int,
+) -> list[float]:
+    """Seconds each `call(conn, i)` took on one connection, `spacing` seconds apart (0:
+    each sent as soon as the last returned), the first `warmup` left out."""
     conn = await asyncpg.connect(stack.dsn)
     out: list[float] = []
     try:
-        for i in range(samples + 10):
+        for i in range(samples + warmup):
+            if spacing:
+                await asyncio.sleep(spacing)
             t = time.perf_counter()
-            await conn.fetchrow(SIGNUP_STATEMENT, *bare_signup_args(f"b2b_{i}", "bench_none"))
-            if i >= 10:
+            await call(conn, i)
+            if i >= warmup:
                 out.append(time.perf_counter() - t)
     finally:
         await conn.close()
     return out
+
+
+async def back_to_back_tx_times(stack: Stack, samples: int) -> list[float]:
+    """The API's signup statement on one connection, each sent as soon as the last one
+    returned, so that neither process sleeps in between (on this VM a process woken from
+    idle costs a good part of a millisecond)."""
+
+    def signup(conn: asyncpg.Connection[Any], i: int) -> Awaitable[object]:
+        return conn.fetchrow(SIGNUP_STATEMENT, *bare_signup_args(f"b2b_{i}", "bench_none"))
+
+    return await timed_calls(stack, samples, 0, signup, warmup=10)
 
 
 async def round_trip_times(stack: Stack, samples: int, spacing: float) -> list[float]:
     """`SELECT 1` on one connection, `spacing` seconds apart (0: each sent as soon as the
     last returned): what waking an idle Postgres backend and this process costs the host,
     with no work in between."""
-    conn = await asyncpg.connect(stack.dsn)
-    out: list[float] = []
-    try:
-        for i in range(samples + 5):
-            if spacing:
-                await asyncio.sleep(spacing)
-            t = time.perf_counter()
-            await conn.fetchval("SELECT 1")
-            if i >= 5:
-                out.append(time.perf_counter() - t)
-    finally:
-        await conn.close()
-    return out
+
+    def select1(conn: asyncpg.Connection[Any], _i: int) -> Awaitable[object]:
+        return conn.fetchval("SELECT 1")
+
+    return await timed_calls(stack, samples, spacing, select1, warmup=5)
 
 
 async def pooled_tx_times(stack: Stack, samples: int, reset: bool) -> list[float]:
