@@ -320,7 +320,7 @@ class Stack:
     def service(
         self, kind: str, *, name: str | None = None, app: str = "bench.apps:router", **env: str
     ) -> Service:
-        """kind: api, relay or worker; its own free port for HTTP / metrics."""
+        """kind: api, bare_api, relay or worker; its own free port for HTTP / metrics."""
         port = free_port()
         if kind == "api":
             args = [sys.executable, "-m", "api_service"]
@@ -328,6 +328,9 @@ class Stack:
         elif kind == "relay":
             args = [sys.executable, "-m", "relay"]
             env = {"METRICS_PORT": str(port), **env}
+        elif kind == "bare_api":  # bench.bare_api: the floor under the API's overhead
+            args = [sys.executable, "-m", "bench.bare_api"]
+            env = {"API_PORT": str(port), **env}
         elif kind == "worker":
             args = [sys.executable, "-m", "worker_service", "--app", app]
             env = {"METRICS_PORT": str(port), **env}

@@ -39,6 +39,7 @@ from bench.common import (
     percentile,
     server_counters,
 )
+from bench.lean_http import Answer, interleaved
 from shared.constants import DEFAULT_QUEUE
 
 _T = TypeVar("_T")
@@ -394,34 +395,61 @@ async def open_loop(
     w.e2e, w.to_xadd, w.from_xadd = await collect_e2e(r, w.ok, 1)
 
 
-async def idle_signups(
-    session: aiohttp.ClientSession, url: str, r: Any, count: int, spacing: float
-) -> tuple[list[float], list[float], list[float]]:
-    """Single signups `spacing` apart.
+@dataclass
+class Paired:
+    """Signups to the API and to the bare server (bench.bare_api), interleaved."""
 
-    (HTTP seconds, commit->done seconds from the transaction start (upper bound), handler
-    time minus the time the 201 arrived (a lower bound: the commit came before the 201)).
-    """
-    http: list[float] = []
-    answered: dict[str, float] = {}
-    for i in range(count):
-        name = f"idle_{i}"
-        status, secs = await post_signup(session, url, name)
-        if status == 201:
-            answered[name] = time.time()
-        http.append(secs)
-        await asyncio.sleep(spacing)
-    records = await collect_records(r, len(answered), 10)
+    api: list[Answer]
+    bare: list[Answer]
+
+    @staticmethod
+    def seconds(answers: list[Answer]) -> list[float]:
+        return [a.seconds for a in answers if a.status == 201]
+
+    def failed(self) -> int:
+        return sum(a.status != 201 for a in self.api + self.bare)
+
+
+async def paired_signups(
+    api_port: int, bare_port: int, prefix: str, count: int, chunk: int, spacing: float
+) -> Paired:
+    """`count` signups to each of the API and the bare server through the lean client,
+    `chunk` to one then `chunk` to the other, each sent when the last was answered and
+    `spacing` seconds after it. The bare server's usernames start with "bare"."""
+    api, bare = await asyncio.to_thread(
+        interleaved,
+        "/v1/users",
+        [
+            (api_port, [signup_body(f"{prefix}_{i}") for i in range(count)]),
+            (bare_port, [signup_body(f"bare{prefix}_{i}") for i in range(count)]),
+        ],
+        chunk,
+        spacing,
+    )
+    paired = Paired(api, bare)
+    if paired.failed():
+        log(f"    {paired.failed()} of {2 * count} {prefix} signups not answered 201")
+    return paired
+
+
+async def idle_e2e_of(r: Any, prefix: str, paired: Paired) -> tuple[list[float], list[float]]:
+    """Of the API's idle signups: (commit->done seconds from the transaction start (upper
+    bound), handler time minus the 201's arrival (a lower bound: the commit came before
+    the 201)). The bare server's records are taken too, and left out."""
+    answered = {f"{prefix}_{i}": a.arrived for i, a in enumerate(paired.api) if a.status == 201}
+    expected = len(answered) + sum(a.status == 201 for a in paired.bare)
+    records = [rec for rec in await collect_records(r, expected, 10) if rec[2] in answered]
     upper = [float(rec[0]) for rec in records]
-    lower = [float(rec[1]) - answered[rec[2]] for rec in records if rec[2] in answered]
-    return http, upper, lower
+    lower = [float(rec[1]) - answered[rec[2]] for rec in records]
+    return upper, lower
 
 
 async def back_to_back_signups(session: aiohttp.ClientSession, url: str, n: int) -> list[float]:
-    """HTTP seconds of `n` signups from one client, each sent when the last is answered."""
+    """HTTP seconds of `n` signups through aiohttp's client, each sent when the last is
+    answered."""
     out = []
     for i in range(n):
-        _, secs = await post_signup(session, url, f"b2b_{i}")
+        _, secs = await post_signup(session, url, f"b2bclient_{i}")
         out.append(secs)
     return out
 
@@ -479,38 +507,71 @@ async def run(
     await stack.reset()
 
     api = stack.service("api", **CHEAP_ARGON2)
+    bare_api = stack.service("bare_api", **CHEAP_ARGON2)
     relay = stack.service("relay")
     worker = stack.service("worker")
-    services: list[Service] = [api.start(), relay.start(), worker.start()]
+    services: list[Service] = [api, relay, worker]
     r = stack.redis()
     res = StageResult()
     try:
+        api.start()
+        bare_api.start()
         await api.wait_healthy("/readyz")
-        await relay.wait_healthy()
-        await worker.wait_healthy()
-        await asyncio.sleep(1.0)  # let the listener connect and the first polls pass
-        idle_mem = {s.name: s.memory()[0] for s in services}
+        await bare_api.wait_healthy()
         url = f"http://127.0.0.1:{api.port}/v1/users"
         connector = aiohttp.TCPConnector(limit=512)
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             # Warm-up: the API's pool opens its connections lazily and hands them out in
             # turn, so every one of them is opened (and its statements prepared) first.
+            # The bare server's pool too.
             for i in range(WARMUP):
                 await post_signup(session, url, f"warm_{i}")
-            await collect_e2e(r, WARMUP, 5)
+                await post_signup(
+                    session, f"http://127.0.0.1:{bare_api.port}/v1/users", f"bwarm_{i}"
+                )
+            log(
+                f"  API alone (relay and worker not started): {b2b_count} signups to each"
+                " of the API and the bare server back to back (lean client)"
+            )
+            alone, alone_server_mean = await on_server(
+                session,
+                api.port,
+                paired_signups(api.port, bare_api.port, "alone", b2b_count, b2b_count // 4, 0),
+            )
+            relay.start()
+            worker.start()
+            await relay.wait_healthy()
+            await worker.wait_healthy()
+            # Let the listener connect, the first polls pass and the backlog drain.
+            await collect_e2e(r, 2 * (WARMUP + b2b_count), 10)
+            await asyncio.sleep(1.0)
+            idle_mem = {s.name: s.memory()[0] for s in services}
             if profile_dir is not None:
                 for s in services:
                     s.start_profile(profile_dir / f"e2e-{s.name}.svg")
-            log(f"  idle wake-up: {idle_count} single signups 200 ms apart")
-            (idle_http, idle_e2e, idle_low), server_mean = await on_server(
-                session, api.port, idle_signups(session, url, r, idle_count, 0.2)
+            log(
+                f"  idle wake-up: {idle_count} single signups to the API and as many to the"
+                " bare server, in turn, 200 ms apart (lean client)"
             )
-            log(f"  back to back: {b2b_count} signups, each sent when the last is answered")
-            b2b_http, b2b_server_mean = await on_server(
-                session, api.port, back_to_back_signups(session, url, b2b_count)
+            idle, server_mean = await on_server(
+                session,
+                api.port,
+                paired_signups(api.port, bare_api.port, "idle", idle_count, 1, 0.2),
             )
-            await collect_e2e(r, b2b_count, 10)
+            idle_e2e, idle_low = await idle_e2e_of(r, "idle", idle)
+            log(
+                f"  back to back: {b2b_count} signups to each, each sent when the last is"
+                " answered, a quarter at a time to one then the other (lean client)"
+            )
+            b2b, b2b_server_mean = await on_server(
+                session,
+                api.port,
+                paired_signups(api.port, bare_api.port, "b2b", b2b_count, b2b_count // 4, 0),
+            )
+            log(f"  the same through aiohttp's client: {b2b_count} signups to the API")
+            b2b_aiohttp = await back_to_back_signups(session, url, b2b_count)
+            await collect_e2e(r, 3 * b2b_count, 10)
             meter = stack.cpu_meter(*services)
             windows: list[Window] = []
             for rate in rates:
@@ -537,10 +598,11 @@ async def run(
     finally:
         for s in services:
             s.stop()
+        bare_api.stop()
         await r.aclose()
 
-    idle_http_med = percentile(idle_http, 50)
-    overhead = (idle_http_med - cheap_med) * 1000
+    idle_http_med = percentile(Paired.seconds(idle.api), 50)
+    idle_bare_med = percentile(Paired.seconds(idle.bare), 50)
     bare3 = triple(bare)
     res.details = {
         "cheap_hash_ms_median": cheap_med * 1000,
@@ -572,40 +634,61 @@ async def run(
             note=f"{len(idle_e2e)} signups 200 ms apart; from tx start (upper bound); "
             f"from the 201's arrival (lower bound) p50 {percentile(idle_low, 50) * 1000:.2f} ms",
         ),
-        Figure(
-            STAGE,
-            "API overhead beyond hash median (idle)",
-            overhead,
-            "ms",
-            tx_med * 1000,
-            "bare signup statement (the API's, asyncpg, durable commit)",
-            "<",
-            1,
-            target_label="< 1 ms",
-            note=f"client HTTP p50 {idle_http_med * 1000:.2f} - hash {cheap_med * 1000:.2f} ms;"
-            f" the API's own histogram: mean {server_mean * 1000:.2f} ms",
-        ),
     ]
-    b2b_http_med = percentile(b2b_http, 50)
-    res.details["back_to_back_http_ms_p50"] = b2b_http_med * 1000
-    res.details["back_to_back_bare_signup_tx_ms_p50"] = b2b_tx_med * 1000
-    res.details["back_to_back_server_side_ms_mean"] = b2b_server_mean * 1000
-    res.figures.append(
-        Figure(
-            STAGE,
-            "API overhead beyond hash median (back to back)",
-            (b2b_http_med - cheap_med) * 1000,
-            "ms",
-            b2b_tx_med * 1000,
-            "bare signup statement, back to back (durable commit)",
-            "<",
-            1,
-            target_label="< 1 ms",
-            note=f"{b2b_count} signups from one client, each sent when the last is answered:"
-            f" client HTTP p50 {b2b_http_med * 1000:.2f} - hash {cheap_med * 1000:.2f} ms;"
-            f" the API's own histogram: mean {b2b_server_mean * 1000:.2f} ms",
+    b2b_http_med = percentile(Paired.seconds(b2b.api), 50)
+    b2b_bare_med = percentile(Paired.seconds(b2b.bare), 50)
+    b2b_aiohttp_med = percentile(b2b_aiohttp, 50)
+    alone_http_med = percentile(Paired.seconds(alone.api), 50)
+    alone_bare_med = percentile(Paired.seconds(alone.bare), 50)
+    res.details |= {
+        "alone_back_to_back_http_ms_p50": alone_http_med * 1000,
+        "alone_back_to_back_bare_server_http_ms_p50": alone_bare_med * 1000,
+        "alone_back_to_back_server_side_ms_mean": alone_server_mean * 1000,
+        "idle_bare_server_http_ms_p50": idle_bare_med * 1000,
+        "back_to_back_http_ms_p50": b2b_http_med * 1000,
+        "back_to_back_bare_server_http_ms_p50": b2b_bare_med * 1000,
+        "back_to_back_http_ms_p50_aiohttp_client": b2b_aiohttp_med * 1000,
+        "back_to_back_bare_signup_tx_ms_p50": b2b_tx_med * 1000,
+        "back_to_back_server_side_ms_mean": b2b_server_mean * 1000,
+    }
+    bare_label = "the same through bench.bare_api (no validation, middleware, metrics, logs)"
+    for kind, api_med, bare_med, statement, server, how in (
+        (
+            "API alone, back to back",
+            alone_http_med,
+            alone_bare_med,
+            b2b_tx_med,
+            alone_server_mean,
+            "relay and worker not started, each sent when the last was answered",
+        ),
+        ("idle", idle_http_med, idle_bare_med, tx_med, server_mean, "200 ms apart"),
+        (
+            "back to back",
+            b2b_http_med,
+            b2b_bare_med,
+            b2b_tx_med,
+            b2b_server_mean,
+            f"each sent when the last was answered; HTTP p50 through aiohttp's client"
+            f" {b2b_aiohttp_med * 1000:.2f} ms",
+        ),
+    ):
+        res.figures.append(
+            Figure(
+                STAGE,
+                f"API overhead beyond hash median ({kind})",
+                (api_med - cheap_med) * 1000,
+                "ms",
+                (bare_med - cheap_med) * 1000,
+                bare_label,
+                "<",
+                1,
+                target_label="< 1 ms",
+                note=f"lean client, {how}: HTTP p50 {api_med * 1000:.2f} - hash"
+                f" {cheap_med * 1000:.2f} ms; the API's own histogram: mean"
+                f" {server * 1000:.2f} ms; the signup statement alone"
+                f" {statement * 1000:.2f} ms",
+            )
         )
-    )
     res.figures.append(
         Figure(
             STAGE,

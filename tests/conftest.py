@@ -107,7 +107,8 @@ def service_env(
         "MAIL_FROM": "Signup <no-reply@signup.test>",
         "ARGON2_TIME_COST": "1",
         "ARGON2_MEMORY_KIB": "1024",
-        "LOG_LEVEL": "INFO",
+        # DEBUG: every line a service can write is checked for secrets (test_e2e).
+        "LOG_LEVEL": "DEBUG",
         "METRICS_HOST": "127.0.0.1",
         "API_HOST": "127.0.0.1",
         "SHUTDOWN_GRACE_SECONDS": "5",
