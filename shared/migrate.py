@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from pydantic import Field
@@ -25,6 +25,11 @@ from shared.settings import PostgresUrl
 logger = logging.getLogger(__name__)
 
 _LOCK_KEY = 727_001  # arbitrary, constant: the advisory lock that serialises migrators
+
+# The schema this code needs: the highest migration in sql/ (a test keeps them equal). The
+# API is not ready on a database behind it, so that a release whose migrations have not
+# run takes no traffic; a database ahead of it (the next release migrated first) is fine.
+SCHEMA_VERSION = 4
 _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 
 
@@ -60,6 +65,14 @@ def discover(directory: Path) -> list[tuple[int, Path]]:
 # again after a pause, up to LOCK_ATTEMPTS times.
 LOCK_TIMEOUT_MS = 2_000
 LOCK_ATTEMPTS = 30
+
+
+async def schema_version(db: asyncpg.Pool[Any] | asyncpg.Connection[Any]) -> int:
+    """The highest migration applied to the database; 0 if none ever ran."""
+    try:
+        return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+    except asyncpg.UndefinedTableError:
+        return 0
 
 
 async def migrate(

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import unicodedata
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from api_service.app import create_app
 from api_service.settings import ApiSettings
 from devstack.postgres import PostgresServer
 from devstack.procs import proc_memory
+from shared.connections import create_pool
+from shared.migrate import SCHEMA_VERSION, discover, migrate, migrations_dir
 from shared.verification import hash_code
 from tests.helpers import api_process, signup_body
 
@@ -477,6 +480,46 @@ async def test_readyz_is_503_when_postgres_is_down(
         assert (await client.get("/healthz")).status == 200
     finally:
         pg_server.start()
+
+
+def test_the_schema_version_the_api_needs_is_the_last_migration() -> None:
+    assert discover(migrations_dir())[-1][0] == SCHEMA_VERSION
+
+
+async def test_readyz_is_503_until_the_schema_is_migrated(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """A release whose migrations have not run takes no traffic; one whose database was
+    migrated further (by the next release) is ready."""
+    dsn = pg_server.create_database(f"readyz_{uuid.uuid4().hex[:8]}")
+    older = tmp_path / "sql"
+    older.mkdir()
+    for _version, path in discover(migrations_dir())[:-1]:
+        (older / path.name).write_text(path.read_text())
+    pool = await create_pool(dsn, max_size=2)
+    try:
+        async with TestClient(TestServer(create_app(cheap_settings(pg_server), pool))) as c:
+
+            async def ready() -> tuple[int, str]:
+                resp = await c.get("/readyz")
+                return resp.status, await resp.text()
+
+            status, text = await ready()
+            assert status == 503
+            assert "at version 0;" in text
+            await migrate(dsn, older)
+            status, text = await ready()
+            assert status == 503
+            assert f"at version {SCHEMA_VERSION - 1}; this release needs {SCHEMA_VERSION}" in text
+            await migrate(dsn)
+            assert await ready() == (200, '{"status": "ready"}')
+            await pool.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, 'next.sql')",
+                SCHEMA_VERSION + 1,
+            )
+            assert (await ready())[0] == 200
+    finally:
+        await pool.close()
 
 
 def test_the_api_process_does_not_load_redis_py() -> None:
