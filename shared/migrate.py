@@ -1,12 +1,15 @@
 """Apply the numbered SQL migrations in sql/ in order, each once: `python -m shared.migrate`.
 
-Applied versions are recorded in schema_migrations; an advisory lock lets several
-processes run this at once (the first applies, the others wait and find nothing to do).
+Applied versions are recorded in schema_migrations with a checksum of their file; an
+advisory lock lets several processes run this at once (the first applies, the others wait
+and find nothing to do). A file changed after it was applied stops the run before anything
+is applied: the database would not be what the file now says.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -45,6 +48,17 @@ class MigrateSettings(BaseSettings):
 def migrations_dir() -> Path:
     env = os.environ.get("MIGRATIONS_DIR")
     return Path(env) if env else Path(__file__).resolve().parent.parent / "sql"
+
+
+class MigrationChanged(ConfigError):
+    """An applied migration's file is not what was applied."""
+
+
+def checksum(path: Path) -> str:
+    """sha256 of the file's text, with line endings normalised (a checkout that turns them
+    into CRLF changes no migration)."""
+    text = path.read_bytes().replace(b"\r\n", b"\n")
+    return hashlib.sha256(text).hexdigest()
 
 
 def discover(directory: Path) -> list[tuple[int, Path]]:
@@ -92,8 +106,26 @@ async def migrate(
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, path in discover(directory or migrations_dir()):
+        # Versions applied before checksums were kept get the one of their file now.
+        await conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text")
+        done = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        found = [(v, path, checksum(path)) for v, path in discover(directory or migrations_dir())]
+        for version, path, sha in found:
+            if version not in done:
+                continue
+            if done[version] is None:
+                await conn.execute(
+                    "UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, sha
+                )
+            elif done[version] != sha:
+                raise MigrationChanged(
+                    f"{path.name} was changed after it was applied (sha256 {done[version][:12]}"
+                    f" then, {sha[:12]} now): restore it, and put the change in a new migration"
+                )
+        for version, path, sha in found:
             if version in done:
                 continue
             for attempt in range(1, lock_attempts + 1):
@@ -102,9 +134,11 @@ async def migrate(
                         await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
                         await conn.execute(path.read_text())
                         await conn.execute(
-                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            "INSERT INTO schema_migrations (version, name, checksum)"
+                            " VALUES ($1, $2, $3)",
                             version,
                             path.name,
+                            sha,
                         )
                     break
                 except asyncpg.LockNotAvailableError:
@@ -127,7 +161,7 @@ def main() -> None:
     logs.setup("migrate", cfg.log_level)
     try:
         applied = asyncio.run(migrate(cfg.database_url, migrations_dir()))
-    except ConfigError as e:  # a misnamed migration file
+    except ConfigError as e:  # a misnamed migration file, or an applied one changed
         config_error("migrate", e)
     logger.info("migrations_done", extra={"applied": applied})
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,7 +45,7 @@ from relay.settings import RelaySettings
 from shared.connections import REDIS_SOCKET_TIMEOUT_SECONDS, create_pool, create_redis
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
-from shared.migrate import discover, migrate, migrations_dir
+from shared.migrate import MigrationChanged, discover, migrate, migrations_dir
 from shared.outbox import enqueue
 from tests.helpers import eventually
 from tests.test_autopipeline import silent_server
@@ -615,6 +617,62 @@ async def test_a_migration_waiting_for_a_lock_lets_writes_pass_and_tries_again(
     finally:
         for conn in (admin, holder, writer):
             await conn.close()
+
+
+async def _tables(dsn: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r["tablename"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def test_a_migration_changed_after_it_was_applied_stops_the_run(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Before anything is applied, and with the file named; restoring it lets the run go on.
+    Line endings do not count, and versions applied before checksums were kept get theirs."""
+    dsn = pg_server.create_database(f"migrate_sum_{uuid.uuid4().hex[:8]}")
+    first = tmp_path / "001_a.sql"
+    first.write_text("CREATE TABLE a (id int);\n")
+    assert await migrate(dsn, tmp_path) == [1]
+    first.write_text("CREATE TABLE a (id int, x int);\n")
+    (tmp_path / "002_b.sql").write_text("CREATE TABLE b (id int);\n")
+    with pytest.raises(MigrationChanged, match=r"001_a\.sql was changed after it was applied"):
+        await migrate(dsn, tmp_path)
+    assert "b" not in await _tables(dsn)
+    first.write_bytes(b"CREATE TABLE a (id int);\r\n")  # the same, checked out on Windows
+    assert await migrate(dsn, tmp_path) == [2]
+    assert {"a", "b"} <= await _tables(dsn)
+    # A database migrated before checksums: the files as they are now are taken as applied.
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE schema_migrations SET checksum = NULL")
+        assert await migrate(dsn, tmp_path) == []
+        assert await conn.fetchval("SELECT count(checksum) FROM schema_migrations") == 2
+    finally:
+        await conn.close()
+    (tmp_path / "002_b.sql").write_text("CREATE TABLE b (id bigint);\n")
+    with pytest.raises(MigrationChanged, match=r"002_b\.sql"):
+        await migrate(dsn, tmp_path)
+
+
+def test_a_changed_migration_is_a_deployment_error_of_the_command(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    dsn = pg_server.create_database(f"migrate_cmd_{uuid.uuid4().hex[:8]}")
+    (tmp_path / "001_a.sql").write_text("CREATE TABLE a (id int);\n")
+    env = {**os.environ, "DATABASE_URL": dsn, "MIGRATIONS_DIR": str(tmp_path)}
+    run = [sys.executable, "-m", "shared.migrate"]
+    assert (
+        subprocess.run(run, env=env, capture_output=True, timeout=60, check=False).returncode == 0
+    )
+    (tmp_path / "001_a.sql").write_text("DROP TABLE a;\n")
+    out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "001_a.sql was changed after it was applied" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_migrations_run_in_version_order(tmp_path: Path) -> None:
