@@ -55,16 +55,5 @@ class Hasher:
         with self._lock:
             self._in_flight -= 1
 
-    def hash_sync(self, password: str) -> str:
-        return self._ph.hash(password)
-
-    def verify(self, hashed: str, password: str) -> bool:
-        from argon2.exceptions import VerificationError
-
-        try:
-            return self._ph.verify(hashed, password)
-        except VerificationError:
-            return False
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
