@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 from aiohttp import web
 
 from api_service import problems
 from api_service.context import APP_KEY
 from api_service.problems import ProblemError
 from shared.migrate import SCHEMA_VERSION, schema_version
+
+READY_TIMEOUT_SECONDS = 2.0
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -20,12 +23,16 @@ async def healthz(_request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     ctx = request.app[APP_KEY]
     try:
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
             version = await schema_version(ctx.pool)
-    except Exception:
-        raise ProblemError(
-            503, problems.UNAVAILABLE, "Not ready", "The database is unreachable."
-        ) from None
+    except Exception as e:
+        if isinstance(e, TimeoutError):
+            detail = f"The database did not answer within {READY_TIMEOUT_SECONDS:g} s."
+        elif isinstance(e, asyncpg.PostgresError):  # e.g. no privilege on schema_migrations
+            detail = f"The database refused the readiness query ({type(e).__name__})."
+        else:
+            detail = "The database is unreachable."
+        raise ProblemError(503, problems.UNAVAILABLE, "Not ready", detail) from None
     if version < SCHEMA_VERSION:
         raise ProblemError(
             503,

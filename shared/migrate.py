@@ -104,10 +104,23 @@ async def migrate(
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
+            " applied_at timestamptz NOT NULL DEFAULT now(), checksum text)"
         )
-        # Versions applied before checksums were kept get the one of their file now.
-        await conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text")
+        # A table from before checksums were kept gets the column, under the same short
+        # lock waits as a migration (the API's /readyz reads the table): only then, since
+        # ALTER TABLE locks the table even when the column is there.
+        has_checksum = await conn.fetchval(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'schema_migrations'::regclass"
+            " AND attname = 'checksum' AND NOT attisdropped"
+        )
+        if not has_checksum:
+            await _with_lock_timeout(
+                conn,
+                [("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text",)],
+                lock_timeout_ms,
+                lock_attempts,
+                {"file": "schema_migrations.checksum"},
+            )
         done = {
             r["version"]: r["checksum"]
             for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
@@ -117,6 +130,8 @@ async def migrate(
             if version not in done:
                 continue
             if done[version] is None:
+                # Applied before checksums were kept: the file as it is now is taken as
+                # what was applied.
                 await conn.execute(
                     "UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, sha
                 )
@@ -128,32 +143,51 @@ async def migrate(
         for version, path, sha in found:
             if version in done:
                 continue
-            for attempt in range(1, lock_attempts + 1):
-                try:
-                    async with conn.transaction():
-                        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-                        await conn.execute(path.read_text())
-                        await conn.execute(
-                            "INSERT INTO schema_migrations (version, name, checksum)"
-                            " VALUES ($1, $2, $3)",
-                            version,
-                            path.name,
-                            sha,
-                        )
-                    break
-                except asyncpg.LockNotAvailableError:
-                    if attempt == lock_attempts:
-                        raise
-                    logger.warning(
-                        "migration_lock_wait",
-                        extra={"version": version, "file": path.name, "attempt": attempt},
-                    )
-                    await asyncio.sleep(min(5.0, 0.2 * attempt))
+            await _with_lock_timeout(
+                conn,
+                [
+                    (path.read_text(),),
+                    (
+                        "INSERT INTO schema_migrations (version, name, checksum)"
+                        " VALUES ($1, $2, $3)",
+                        version,
+                        path.name,
+                        sha,
+                    ),
+                ],
+                lock_timeout_ms,
+                lock_attempts,
+                {"version": version, "file": path.name},
+            )
             logger.info("migration_applied", extra={"version": version, "file": path.name})
             applied_now.append(version)
     finally:
         await conn.close()
     return applied_now
+
+
+async def _with_lock_timeout(
+    conn: asyncpg.Connection[Any],
+    statements: list[tuple[Any, ...]],
+    lock_timeout_ms: int,
+    lock_attempts: int,
+    what: dict[str, Any],
+) -> None:
+    """Run the statements ((sql, *args) each; a file of several statements takes no args)
+    in one transaction that waits at most lock_timeout_ms for each lock; when one is not
+    granted in time, roll back, pause and try again, up to lock_attempts times."""
+    for attempt in range(1, lock_attempts + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                for sql, *args in statements:
+                    await conn.execute(sql, *args)
+            return
+        except asyncpg.LockNotAvailableError:
+            if attempt == lock_attempts:
+                raise
+            logger.warning("migration_lock_wait", extra={**what, "attempt": attempt})
+            await asyncio.sleep(min(5.0, 0.2 * attempt))
 
 
 def main() -> None:

@@ -482,6 +482,21 @@ async def test_readyz_is_503_when_postgres_is_down(
         pg_server.start()
 
 
+async def test_readyz_says_when_the_database_does_not_answer_in_time(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any], pg_server: PostgresServer
+) -> None:
+    holder = await asyncpg.connect(pg_server.dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
+            resp = await client.get("/readyz")
+            assert resp.status == 503
+            assert "did not answer within 2 s" in (await resp.json())["detail"]
+    finally:
+        await holder.close()
+    assert (await client.get("/readyz")).status == 200
+
+
 def test_the_schema_version_the_api_needs_is_the_last_migration() -> None:
     assert discover(migrations_dir())[-1][0] == SCHEMA_VERSION
 

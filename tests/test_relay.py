@@ -658,6 +658,36 @@ async def test_a_migration_changed_after_it_was_applied_stops_the_run(
         await migrate(dsn, tmp_path)
 
 
+async def test_migrate_waits_on_a_reader_of_schema_migrations_only_to_add_its_column(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """A session reading schema_migrations in a transaction (the API's /readyz reads it; a
+    backup, an open psql) holds no run up that has nothing to apply; the one run that adds
+    the checksum column waits for its lock as a migration does, at most lock_timeout at a
+    time."""
+    dsn = pg_server.create_database(f"migrate_rd_{uuid.uuid4().hex[:8]}")
+    (tmp_path / "001_a.sql").write_text("CREATE TABLE a (id int);\n")
+    assert await migrate(dsn, tmp_path) == [1]
+    holder = await asyncpg.connect(dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("LOCK TABLE schema_migrations IN ACCESS SHARE MODE")  # as a SELECT
+        assert await asyncio.wait_for(migrate(dsn, tmp_path), 5) == []
+        await tx.rollback()
+        await holder.execute("ALTER TABLE schema_migrations DROP COLUMN checksum")
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("LOCK TABLE schema_migrations IN ACCESS SHARE MODE")
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await asyncio.wait_for(migrate(dsn, tmp_path, lock_timeout_ms=100, lock_attempts=2), 5)
+        await tx.rollback()
+        assert await migrate(dsn, tmp_path) == []
+        assert await holder.fetchval("SELECT count(checksum) FROM schema_migrations") == 1
+    finally:
+        await holder.close()
+
+
 def test_a_changed_migration_is_a_deployment_error_of_the_command(
     pg_server: PostgresServer, tmp_path: Path
 ) -> None:
