@@ -6,7 +6,8 @@ that only answers 201: 0.34 ms through it, 0.16 ms through this client, measured
 one request, reads the answer to its last byte and stops the clock: what it adds is a
 send() and the recv()s that wake it. Run it in a thread (`asyncio.to_thread`).
 
-It speaks only what the API answers: HTTP/1.1 with Content-Length, kept alive.
+It speaks only what the API answers: HTTP/1.1 with Content-Length. A connection the
+server closes (`Connection: close`, or a failure) is opened again for the next request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+NO_ANSWER = 0  # Answer.status of a request that got no answer (connection lost, timeout)
+
 
 class LeanHTTPError(Exception):
     """An answer this client does not read (no Content-Length, a closed connection)."""
@@ -22,16 +25,17 @@ class LeanHTTPError(Exception):
 
 @dataclass(frozen=True)
 class Answer:
-    status: int
+    status: int  # NO_ANSWER if none came
     seconds: float  # from the request's first byte sent to the answer's last byte read
-    arrived: float  # time.time() when the answer's last byte was read
+    arrived: float  # time.time() when the answer's last byte was read (or the failure)
 
 
 class LeanClient:
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._address = (host, port)
+        self._timeout = timeout
         self._host = host.encode()
+        self._sock: socket.socket | None = None
         self._buf = b""
 
     def __enter__(self) -> LeanClient:
@@ -41,9 +45,12 @@ class LeanClient:
         self.close()
 
     def close(self) -> None:
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._buf = None, b""
 
     def post_json(self, path: str, body: bytes) -> Answer:
+        """The answer to one POST; a failure is an Answer with status NO_ANSWER."""
         request = b"".join(
             (
                 b"POST ",
@@ -56,30 +63,43 @@ class LeanClient:
                 body,
             )
         )
+        if self._sock is None:
+            self._sock = socket.create_connection(self._address, timeout=self._timeout)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         started = time.perf_counter()
-        self._sock.sendall(request)
-        status, length = self._read_head()
-        self._read_exactly(length)
-        seconds = time.perf_counter() - started
-        return Answer(status, seconds, time.time())
+        try:
+            self._sock.sendall(request)
+            status, length, close = self._read_head()
+            self._read_exactly(length)
+        except (OSError, LeanHTTPError):
+            self.close()
+            return Answer(NO_ANSWER, time.perf_counter() - started, time.time())
+        answer = Answer(status, time.perf_counter() - started, time.time())
+        if close:
+            self.close()
+        return answer
 
     def _recv(self) -> None:
+        assert self._sock is not None
         chunk = self._sock.recv(65536)
         if not chunk:
             raise LeanHTTPError("connection closed by the server")
         self._buf += chunk
 
-    def _read_head(self) -> tuple[int, int]:
+    def _read_head(self) -> tuple[int, int, bool]:
+        """(status, Content-Length, whether the server closes the connection after it)."""
         while b"\r\n\r\n" not in self._buf:
             self._recv()
         head, self._buf = self._buf.split(b"\r\n\r\n", 1)
         lines = head.split(b"\r\n")
         status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                return status, int(value)
-        raise LeanHTTPError(f"answer {status} without Content-Length")
+            headers[name.strip().lower()] = value.strip().lower()
+        if b"content-length" not in headers:
+            raise LeanHTTPError(f"answer {status} without Content-Length")
+        return status, int(headers[b"content-length"]), headers.get(b"connection") == b"close"
 
     def _read_exactly(self, n: int) -> None:
         while len(self._buf) < n:
@@ -93,6 +113,8 @@ def interleaved(
     """POST each target's bodies to its port, `chunk` at a time from each target in turn
     (so that the host's slow and fast moments fall on all of them alike), each request sent
     when the last was answered and `spacing` seconds after it. The answers, by target."""
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
     clients = [LeanClient(port) for port, _ in targets]
     answers: list[list[Answer]] = [[] for _ in targets]
     try:

@@ -1,27 +1,44 @@
-"""The benchmark's lean HTTP client reads what the API answers, and refuses what it can't."""
+"""The benchmark's lean HTTP client reads what the API answers, times all of it, and counts
+what it cannot read as no answer."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from bench.lean_http import LeanClient, LeanHTTPError, interleaved
+from bench.lean_http import NO_ANSWER, Answer, LeanClient, interleaved
 from devstack.procs import free_port
+
+SLOW = 0.05  # seconds /slow waits before it writes the last part of its answer
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[int, list[bytes]]]:
-    """An aiohttp server that answers each POST with its body reversed, and a log of the
-    bodies it read; /chunked answers without a Content-Length."""
+    """An aiohttp server and a log of the bodies it read. /echo answers with the body
+    reversed (422 if empty); /slow sends its headers, then its body SLOW seconds later;
+    /chunked answers without a Content-Length; /drop closes the connection unanswered;
+    /close answers with Connection: close."""
     seen: list[bytes] = []
 
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
         seen.append(body)
         return web.Response(status=201 if body else 422, body=body[::-1])
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        seen.append(await request.read())
+        resp = web.StreamResponse(status=201)
+        resp.content_length = 2
+        await resp.prepare(request)
+        await resp.write(b"o")
+        await asyncio.sleep(SLOW)
+        await resp.write(b"k")
+        await resp.write_eof()
+        return resp
 
     async def chunked(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
@@ -31,15 +48,33 @@ async def server() -> AsyncIterator[tuple[int, list[bytes]]]:
         await resp.write_eof()
         return resp
 
+    async def drop(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response(status=201)
+
+    async def close(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.Response(status=201, body=b"bye", headers={"Connection": "close"})
+
     app = web.Application()
-    app.router.add_post("/echo", echo)
-    app.router.add_post("/chunked", chunked)
+    for path, handler in (
+        ("/echo", echo),
+        ("/slow", slow),
+        ("/chunked", chunked),
+        ("/drop", drop),
+        ("/close", close),
+    ):
+        app.router.add_post(path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield port, seen
-    await runner.cleanup()
+    try:
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield port, seen
+    finally:
+        await runner.cleanup()
 
 
 async def test_requests_on_one_connection_each_read_to_its_end(
@@ -56,27 +91,53 @@ async def test_requests_on_one_connection_each_read_to_its_end(
     assert seen == [b"a" * 70_000, b"", b"bc"]
 
 
-async def test_interleaved_sends_chunks_to_each_target_in_turn(
+async def test_the_clock_runs_to_the_answers_last_byte(server: tuple[int, list[bytes]]) -> None:
+    port, _ = server
+
+    def timed() -> tuple[float, Answer, float]:
+        with LeanClient(port) as client:
+            client.post_json("/echo", b"warm")
+            before = time.time()
+            answer = client.post_json("/slow", b"x")
+            return before, answer, time.time()
+
+    before, answer, after = await asyncio.to_thread(timed)
+    assert answer.status == 201
+    assert SLOW <= answer.seconds <= after - before
+    assert before + SLOW <= answer.arrived <= after
+
+
+async def test_interleaved_sends_chunks_to_each_target_in_turn_with_the_spacing(
     server: tuple[int, list[bytes]],
 ) -> None:
     port, seen = server
+    started = time.perf_counter()
     first, second = await asyncio.to_thread(
-        interleaved, "/echo", [(port, [b"a1", b"a2", b"a3"]), (port, [b"b1", b"b2"])], 2
+        interleaved, "/echo", [(port, [b"a1", b"a2", b"a3"]), (port, [b"b1", b"b2"])], 2, 0.02
     )
+    assert time.perf_counter() - started >= 5 * 0.02
     assert seen == [b"a1", b"a2", b"b1", b"b2", b"a3"]
     assert [a.status for a in first] == [201, 201, 201]
-    assert len(second) == 2
-    assert all(a.seconds > 0 for a in first + second)
+    assert [a.status for a in second] == [201, 201]
+    with pytest.raises(ValueError, match="chunk"):
+        interleaved("/echo", [(port, [b"x"])], 0)
 
 
-async def test_an_answer_without_content_length_is_refused(
+async def test_what_cannot_be_read_is_no_answer_and_the_next_request_reconnects(
     server: tuple[int, list[bytes]],
 ) -> None:
-    port, _ = server
+    port, seen = server
 
-    def post() -> None:
+    def run() -> list[int]:
         with LeanClient(port) as client:
-            client.post_json("/chunked", b"x")
+            return [
+                client.post_json("/chunked", b"x").status,  # no Content-Length
+                client.post_json("/echo", b"after-chunked").status,
+                client.post_json("/drop", b"dropped").status,
+                client.post_json("/echo", b"after-drop").status,
+                client.post_json("/close", b"closing").status,
+                client.post_json("/echo", b"after-close").status,
+            ]
 
-    with pytest.raises(LeanHTTPError, match="without Content-Length"):
-        await asyncio.to_thread(post)
+    assert await asyncio.to_thread(run) == [NO_ANSWER, 201, NO_ANSWER, 201, 201, 201]
+    assert seen[-5:] == [b"after-chunked", b"dropped", b"after-drop", b"closing", b"after-close"]
