@@ -4,6 +4,7 @@ code needs)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import asyncpg
 from aiohttp import web
@@ -14,6 +15,8 @@ from api_service.problems import ProblemError
 from shared.migrate import SCHEMA_VERSION, schema_version
 
 READY_TIMEOUT_SECONDS = 2.0
+
+logger = logging.getLogger(__name__)
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -32,6 +35,7 @@ async def readyz(request: web.Request) -> web.Response:
             detail = f"The database refused the readiness query ({type(e).__name__})."
         else:
             detail = "The database is unreachable."
+        logger.warning("not_ready", extra={"reason": detail, "error": repr(e)})
         raise ProblemError(503, problems.UNAVAILABLE, "Not ready", detail) from None
     if version < SCHEMA_VERSION:
         raise ProblemError(

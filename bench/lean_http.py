@@ -63,15 +63,16 @@ class LeanClient:
                 body,
             )
         )
-        if self._sock is None:
-            self._sock = socket.create_connection(self._address, timeout=self._timeout)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         started = time.perf_counter()
         try:
+            if self._sock is None:
+                self._sock = socket.create_connection(self._address, timeout=self._timeout)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                started = time.perf_counter()  # the connect is not the request's time
             self._sock.sendall(request)
             status, length, close = self._read_head()
             self._read_exactly(length)
-        except (OSError, LeanHTTPError):
+        except (OSError, LeanHTTPError, ValueError, IndexError):  # the last two: a bad head
             self.close()
             return Answer(NO_ANSWER, time.perf_counter() - started, time.time())
         answer = Answer(status, time.perf_counter() - started, time.time())

@@ -78,6 +78,7 @@ def discover(directory: Path) -> list[tuple[int, Path]]:
 # would otherwise queue every write to the table behind itself), then rolls back and tries
 # again after a pause, up to LOCK_ATTEMPTS times.
 LOCK_TIMEOUT_MS = 2_000
+COLUMN_LOCK_TIMEOUT_MS = 200  # adding schema_migrations.checksum to an older table
 LOCK_ATTEMPTS = 30
 
 
@@ -117,7 +118,9 @@ async def migrate(
             await _with_lock_timeout(
                 conn,
                 [("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text",)],
-                lock_timeout_ms,
+                # Readers queue behind the ALTER while it waits: shorter than the 2 s a
+                # readiness probe gives the query, so a wait never fails a probe.
+                min(lock_timeout_ms, COLUMN_LOCK_TIMEOUT_MS),
                 lock_attempts,
                 {"file": "schema_migrations.checksum"},
             )
@@ -127,18 +130,17 @@ async def migrate(
         }
         found = [(v, path, checksum(path)) for v, path in discover(directory or migrations_dir())]
         for version, path, sha in found:
-            if version not in done:
-                continue
-            if done[version] is None:
+            if done.get(version) not in (None, sha):
+                raise MigrationChanged(
+                    f"{path.name} was changed after it was applied (sha256 {done[version][:12]}"
+                    f" then, {sha[:12]} now): restore it, and put the change in a new migration"
+                )
+        for version, _path, sha in found:
+            if version in done and done[version] is None:
                 # Applied before checksums were kept: the file as it is now is taken as
                 # what was applied.
                 await conn.execute(
                     "UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, sha
-                )
-            elif done[version] != sha:
-                raise MigrationChanged(
-                    f"{path.name} was changed after it was applied (sha256 {done[version][:12]}"
-                    f" then, {sha[:12]} now): restore it, and put the change in a new migration"
                 )
         for version, path, sha in found:
             if version in done:

@@ -497,6 +497,27 @@ async def test_readyz_says_when_the_database_does_not_answer_in_time(
     assert (await client.get("/readyz")).status == 200
 
 
+async def test_readyz_says_when_the_database_refuses_the_query(
+    pg_server: PostgresServer, pool: asyncpg.Pool[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role that may connect but not read schema_migrations (a deployment's mistake)."""
+    role = f"noread_{uuid.uuid4().hex[:8]}"
+    await pool.execute(f"CREATE ROLE {role} LOGIN")
+    limited = await create_pool(pg_server.dsn.replace("postgres@", f"{role}@", 1), max_size=1)
+    try:
+        async with TestClient(TestServer(create_app(cheap_settings(pg_server), limited))) as c:
+            resp = await c.get("/readyz")
+            assert resp.status == 503
+            detail = (await resp.json())["detail"]
+            assert (
+                detail == "The database refused the readiness query (InsufficientPrivilegeError)."
+            )
+        assert any(r.getMessage() == "not_ready" for r in caplog.records)
+    finally:
+        await limited.close()
+        await pool.execute(f"DROP ROLE {role}")
+
+
 def test_the_schema_version_the_api_needs_is_the_last_migration() -> None:
     assert discover(migrations_dir())[-1][0] == SCHEMA_VERSION
 

@@ -141,3 +141,9 @@ async def test_what_cannot_be_read_is_no_answer_and_the_next_request_reconnects(
 
     assert await asyncio.to_thread(run) == [NO_ANSWER, 201, NO_ANSWER, 201, 201, 201]
     assert seen[-5:] == [b"after-chunked", b"dropped", b"after-drop", b"closing", b"after-close"]
+
+
+def test_a_refused_connection_is_no_answer() -> None:
+    port = free_port()  # nothing listens there
+    (answers,) = interleaved("/echo", [(port, [b"a", b"b"])], 1)
+    assert [a.status for a in answers] == [NO_ANSWER, NO_ANSWER]

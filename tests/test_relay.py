@@ -654,8 +654,17 @@ async def test_a_migration_changed_after_it_was_applied_stops_the_run(
     finally:
         await conn.close()
     (tmp_path / "002_b.sql").write_text("CREATE TABLE b (id bigint);\n")
-    with pytest.raises(MigrationChanged, match=r"002_b\.sql"):
-        await migrate(dsn, tmp_path)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE schema_migrations SET checksum = NULL WHERE version = 1")
+        with pytest.raises(MigrationChanged, match=r"002_b\.sql"):
+            await migrate(dsn, tmp_path)
+        # A stopped run writes nothing, not even the checksum it would have filled in.
+        assert (
+            await conn.fetchval("SELECT checksum FROM schema_migrations WHERE version = 1") is None
+        )
+    finally:
+        await conn.close()
 
 
 async def test_migrate_waits_on_a_reader_of_schema_migrations_only_to_add_its_column(
@@ -681,8 +690,20 @@ async def test_migrate_waits_on_a_reader_of_schema_migrations_only_to_add_its_co
         await holder.execute("LOCK TABLE schema_migrations IN ACCESS SHARE MODE")
         with pytest.raises(asyncpg.LockNotAvailableError):
             await asyncio.wait_for(migrate(dsn, tmp_path, lock_timeout_ms=100, lock_attempts=2), 5)
+        # With the default timeouts, a reader that comes while the ALTER waits (the API's
+        # /readyz gives its query 2 s) gets through within the column's shorter wait.
+        migrating = asyncio.ensure_future(migrate(dsn, tmp_path))
+        await asyncio.sleep(0.1)
+        reader = await asyncpg.connect(dsn)
+        try:
+            started = time.monotonic()
+            await asyncio.wait_for(reader.fetchval("SELECT count(*) FROM schema_migrations"), 2)
+            assert time.monotonic() - started < 1.0
+        finally:
+            await reader.close()
+        assert not migrating.done()
         await tx.rollback()
-        assert await migrate(dsn, tmp_path) == []
+        assert await asyncio.wait_for(migrating, 10) == []
         assert await holder.fetchval("SELECT count(checksum) FROM schema_migrations") == 1
     finally:
         await holder.close()
