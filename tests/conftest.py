@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -147,3 +148,24 @@ def no_unexpected_loop_failures(
         if r.getMessage() in _FAILURE_EVENTS
     ]
     assert not failures, f"unexpected failures logged: {failures}"
+
+
+# Before pytest-timeout's 300 s: a test that hangs in an await shows only the event loop's
+# select in the timeout's traceback, so where each task waits is printed first.
+HANG_DUMP_AFTER_SECONDS = float(os.environ.get("TEST_HANG_DUMP_AFTER_SECONDS", "240"))
+
+
+def _print_tasks() -> None:
+    tasks = asyncio.all_tasks()
+    print(f"test still running after {HANG_DUMP_AFTER_SECONDS:g}s; {len(tasks)} tasks:")
+    for task in tasks:
+        task.print_stack(limit=12, file=sys.stdout)
+
+
+@pytest.fixture(autouse=True)
+async def print_tasks_if_hung() -> AsyncIterator[None]:
+    timer = asyncio.get_running_loop().call_later(HANG_DUMP_AFTER_SECONDS, _print_tasks)
+    try:
+        yield
+    finally:
+        timer.cancel()
