@@ -30,6 +30,16 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return random.uniform(exp / 2, exp)
 
 
+def cancel_requested() -> bool:
+    """The running task has been cancelled, though what it awaited did not raise the
+    CancelledError: redis-py can turn a cancellation in the middle of a command into a
+    ConnectionError, and its retry may then run the command again and return. A loop that
+    went round again would never end, and whoever cancelled it (a stop past its grace,
+    asyncio.run() at exit) would wait on it for ever."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Service(Protocol):
     name: str
 
@@ -102,7 +112,7 @@ class Loop(abc.ABC):
 
     async def _run(self) -> None:
         logger.info("loop_started", extra={"loop": self.name})
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not cancel_requested():
             self._working = True
             try:
                 busy: bool | None = await self.run_once()
@@ -110,6 +120,8 @@ class Loop(abc.ABC):
             except asyncio.CancelledError:
                 break
             except Exception:
+                if cancel_requested():
+                    break
                 busy = None
                 self.failures += 1
                 LOOP_ERRORS.labels(self.name).inc()

@@ -22,7 +22,7 @@ from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
 from devstack.stack import Stack
 from shared.constants import CONSUMER_GROUP, stream_key
-from shared.lifecycle import STOP_FLOOR_SECONDS, stop_within
+from shared.lifecycle import STOP_FLOOR_SECONDS, Loop, stop_within
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.fault
@@ -333,3 +333,36 @@ async def test_services_stop_within_one_grace_not_one_each() -> None:
     assert given[0] == pytest.approx(1.0, abs=0.05)
     assert 0.5 <= given[1] <= 0.75  # what a's 0.3 s left of 1.0
     assert given[2] == STOP_FLOOR_SECONDS  # nothing left: just time to close
+
+
+class _HidesItsCancellation(Loop):
+    name = "hides-cancellation"
+
+    def __init__(self, returns: bool) -> None:
+        super().__init__()
+        self.returns = returns
+
+    async def run_once(self) -> bool:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not self.returns:  # as redis-py can, in the middle of a command
+                raise ConnectionError("Connection closed by server") from None
+        return False  # as when redis-py's retry runs the interrupted command again
+
+
+@pytest.mark.expect_loop_failures
+@pytest.mark.parametrize("returns", [False, True])
+async def test_a_loop_whose_cancellation_a_library_hides_still_ends(returns: bool) -> None:
+    """Cancelled without stop() (asyncio.run() cancels what is left at exit), a background
+    loop ends even when its iteration raised another error in place of the cancellation,
+    or returned."""
+    loop = _HidesItsCancellation(returns)
+    await loop.start()
+    await asyncio.sleep(0.05)
+    assert loop._task is not None
+    task = loop._task
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done, "the loop went on after its cancellation"
+    await loop.stop()

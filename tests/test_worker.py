@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -1408,3 +1408,36 @@ async def test_a_stop_clears_the_mark_of_an_orphan_it_cut_short(
     assert owner[1] == 1  # handed back uncounted
     client: Any = redis
     assert await client.exists(alone_key(orphan.id)) == 0
+
+
+async def _cancelled_as_connection_error() -> None:
+    """A step that turns its cancellation into another error, as redis-py can in the middle
+    of a command."""
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        raise ConnectionError("Connection closed by server") from None
+
+
+async def _cancelled_and_retried() -> None:
+    """A step whose cancellation is swallowed and that returns, as when redis-py's retry
+    runs the interrupted command again."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.Event().wait()
+
+
+@pytest.mark.expect_loop_failures
+@pytest.mark.parametrize("step", [_cancelled_as_connection_error, _cancelled_and_retried])
+async def test_a_loop_cancelled_inside_a_command_that_hides_the_cancellation_ends(
+    make_worker: MakeWorker, step: Callable[[], Awaitable[None]]
+) -> None:
+    """A cancelled supervised loop (a stop past its grace, asyncio.run() at exit, a test's
+    simulated crash) ends even when what it awaited raised something else or returned:
+    before, it went round again, and whoever awaited it hung."""
+    worker = make_worker()
+    task = asyncio.create_task(worker._supervise("fetch", step, asyncio.Event()))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done, "the loop went on after its cancellation"
+    assert task.cancelled()

@@ -37,7 +37,7 @@ from shared.autopipeline import AutoPipelineRedis
 from shared.constants import RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
 from shared.errors import EnvelopeError, PermanentError
-from shared.lifecycle import LOOP_ERRORS, STOP_FLOOR_SECONDS, backoff_delay
+from shared.lifecycle import LOOP_ERRORS, STOP_FLOOR_SECONDS, backoff_delay, cancel_requested
 from shared.logs import request_id_var
 from shared.outbox import dead_letter_error
 from worker_service import metrics
@@ -273,11 +273,13 @@ class Worker:
     ) -> None:
         """Run step() until `until` is set: errors are logged, counted and backed off.
 
-        The loop ends on the flag, not only on cancellation: redis-py may turn a
-        cancellation in the middle of a command into a ConnectionError.
+        The loop ends on the flag, and on a cancellation even when redis-py hid it (see
+        cancel_requested).
         """
         failures = 0
         while not until.is_set():
+            if cancel_requested():
+                raise asyncio.CancelledError
             try:
                 await step()
                 failures = 0
@@ -286,6 +288,8 @@ class Worker:
             except Exception:
                 if until.is_set():
                     break
+                if cancel_requested():
+                    raise asyncio.CancelledError from None
                 failures += 1
                 LOOP_ERRORS.labels(f"worker-{name}").inc()
                 logger.exception("worker_loop_failed", extra={"loop": name, "failures": failures})
