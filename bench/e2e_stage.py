@@ -35,6 +35,7 @@ from bench.common import (
     Stack,
     StageResult,
     log,
+    median,
     per_event,
     percentile,
     server_counters,
@@ -225,6 +226,33 @@ async def round_trip_times(stack: Stack, samples: int, spacing: float) -> list[f
         return conn.fetchval("SELECT 1")
 
     return await timed_calls(stack, samples, spacing, select1, warmup=5)
+
+
+async def commit_flush_times(
+    stack: Stack, prefix: str, samples: int, spacing: float
+) -> tuple[list[float], list[float]]:
+    """The API's signup statement, in turn on a connection that waits for the commit's
+    WAL flush (as the API's does) and on one that does not (`synchronous_commit = off`),
+    `spacing` seconds apart (0: back to back): (durable seconds, unflushed seconds). Their
+    difference is what the commit's flush costs the host, idle or busy."""
+    durable = await asyncpg.connect(stack.dsn)
+    unflushed = await asyncpg.connect(stack.dsn)
+    await unflushed.execute("SET synchronous_commit = off")
+    out: tuple[list[float], list[float]] = ([], [])
+    try:
+        for i in range(samples + 5):
+            for kind, conn, times in zip("du", (durable, unflushed), out, strict=True):
+                if spacing:
+                    await asyncio.sleep(spacing)
+                args = bare_signup_args(f"{prefix}_{kind}{i}", "bench_none")
+                t = time.perf_counter()
+                await conn.fetchrow(SIGNUP_STATEMENT, *args)
+                if i >= 5:
+                    times.append(time.perf_counter() - t)
+    finally:
+        await durable.close()
+        await unflushed.close()
+    return out
 
 
 async def pooled_tx_times(stack: Stack, samples: int, reset: bool) -> list[float]:
@@ -538,6 +566,15 @@ async def run(
     rt_idle = percentile(await round_trip_times(stack, 40, 0.05), 50)
     rt_b2b = percentile(await round_trip_times(stack, 200, 0), 50)
     log(f"  SELECT 1 p50 {rt_idle * 1000:.3f} ms 50 ms apart, {rt_b2b * 1000:.3f} ms back to back")
+    flushed_idle, unflushed_idle = map(
+        median, await commit_flush_times(stack, "flush_idle", 40, 0.05)
+    )
+    flushed_b2b, unflushed_b2b = map(median, await commit_flush_times(stack, "flush_b2b", 200, 0))
+    log(
+        f"  signup statement 50 ms apart: {flushed_idle * 1000:.2f} ms durable,"
+        f" {unflushed_idle * 1000:.2f} ms without the flush; back to back"
+        f" {flushed_b2b * 1000:.2f} and {unflushed_b2b * 1000:.2f} ms"
+    )
     await stack.reset()
 
     api = stack.service("api", **CHEAP_ARGON2)
@@ -639,6 +676,14 @@ async def run(
         "bare_chain_ms_p50_p95_p99": bare3,
         "select1_ms_p50_idle": rt_idle * 1000,
         "select1_ms_p50_back_to_back": rt_b2b * 1000,
+        "signup_statement_ms_p50_idle_durable_unflushed": (
+            flushed_idle * 1000,
+            unflushed_idle * 1000,
+        ),
+        "signup_statement_ms_p50_back_to_back_durable_unflushed": (
+            flushed_b2b * 1000,
+            unflushed_b2b * 1000,
+        ),
         "idle_http_ms_p50": idle.api_p50 * 1000,
         "idle_server_side_ms_mean": idle.server_mean * 1000,
         "idle_e2e_ms_p50_p95_p99": triple(idle_e2e),
@@ -726,6 +771,20 @@ async def run(
             rt_b2b * 1000,
             "the same, back to back",
             note="no project code: the cost of waking an idle backend and client on this host",
+        )
+    )
+    res.figures.append(
+        Figure(
+            STAGE,
+            "host: the commit's WAL flush, 50 ms apart",
+            (flushed_idle - unflushed_idle) * 1000,
+            "ms",
+            (flushed_b2b - unflushed_b2b) * 1000,
+            "the same, back to back",
+            note="no project code: the API's statement with a durable commit minus the same"
+            f" with synchronous_commit = off ({flushed_idle * 1000:.2f} -"
+            f" {unflushed_idle * 1000:.2f} ms; back to back {flushed_b2b * 1000:.2f} -"
+            f" {unflushed_b2b * 1000:.2f} ms)",
         )
     )
     res.figures.append(
