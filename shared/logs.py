@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import traceback
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
@@ -21,6 +23,32 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+# A verification link's code, wherever a line quotes a URL (a request line aiohttp could
+# not parse, say): the link may never have been used, and would still work.
+_SECRET_PARAM = re.compile(r"(secret_code=)[^&\s\"'\\]+", re.IGNORECASE)
+
+
+def redact(line: str) -> str:
+    """`line` with the value of every `secret_code=` parameter replaced."""
+    if "secret_code" not in line.lower():
+        return line
+    return _SECRET_PARAM.sub(r"\1[redacted]", line)
+
+
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request it cannot parse (answered 400: the client's mistake, not the
+    server's) as an error, with a traceback that quotes the raw request. Such a record
+    becomes a warning carrying the parser's message in `error`, with no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and exc.code < 500:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = None
+            record.error = f"{type(exc).__name__}: {exc}"
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,7 +72,7 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        return orjson.dumps(doc, default=str).decode()
+        return redact(orjson.dumps(doc, default=str).decode())
 
 
 def setup(service: str, level: str = "INFO") -> None:
@@ -56,3 +84,6 @@ def setup(service: str, level: str = "INFO") -> None:
     root.setLevel(level)
     # aiohttp's access log duplicates our request metrics and logs every request at INFO.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientMistakes) for f in server.filters):
+        server.addFilter(_ClientMistakes())

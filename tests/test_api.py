@@ -594,3 +594,34 @@ async def test_the_api_with_default_hashing_stays_under_100_mb(
         f"t={defaults['argon2_time_cost'].default},p=1$"
     )
     assert peak_mib * 2**20 < 100_000_000, f"API peak RSS {peak_mib:.0f} MiB"
+
+
+async def test_a_request_line_the_parser_refuses_is_a_warning_with_no_secret_code(
+    pg_server: PostgresServer, workdir: Path, clean: None
+) -> None:
+    """A link pasted with a byte HTTP does not allow (here an ellipsis) is refused by
+    aiohttp's parser before any handler runs. aiohttp logs that as an error whose
+    traceback quotes the request line, secret code and all; the link, never used, still
+    works. The line must be a warning (the client's mistake) with the code redacted."""
+    log = workdir / "bad-request-line-api.log"
+    code = "k3Y-secret-" + uuid.uuid4().hex
+    with api_process(pg_server.dsn, log) as (api, base):
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /v1/verify_email?email_id=1&secret_code={code}".encode()
+            + "\u2026".encode()
+            + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        await writer.drain()
+        head = await reader.readline()
+        writer.close()
+        assert b" 400 " in head, head
+        await asyncio.sleep(0.2)
+    text = api.logs()
+    assert code not in text
+    lines = [orjson.loads(line) for line in text.splitlines() if "Error handling request" in line]
+    assert len(lines) == 1, text
+    assert lines[0]["level"] == "warning"
+    assert "secret_code=[redacted]" in lines[0]["error"]
+    assert "exc" not in lines[0]
