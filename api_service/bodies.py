@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from api_service import problems
@@ -34,7 +35,14 @@ async def read_json(request: web.Request) -> object:
             "Unsupported media type",
             "Send the body as application/json.",
         )
-    body = await request.read()  # bounded by the application's client_max_size (413)
+    try:
+        body = await request.read()  # bounded by the application's client_max_size (413)
+    except RequestPayloadError as e:
+        # A Content-Encoding the body does not match, or a client gone before the end of
+        # its body (nobody reads this answer; it is counted as a 400, not a 500).
+        raise ProblemError(
+            400, problems.BAD_BODY, "Malformed body", "The request body could not be read."
+        ) from e
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:

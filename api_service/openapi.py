@@ -70,7 +70,7 @@ def build_openapi() -> dict[str, Any]:
                     },
                     "responses": {
                         "201": json_body("User", "The user was created."),
-                        "400": _problem("The body is not valid JSON."),
+                        "400": _problem("The body is not valid JSON, or does not decode."),
                         "409": _problem("The username or the email is taken."),
                         "413": _problem("The body is larger than 64 KiB."),
                         "415": _problem("The body is not application/json."),
@@ -118,7 +118,7 @@ def build_openapi() -> dict[str, Any]:
                     },
                     "responses": {
                         "202": json_body("ResendAccepted", "Taken; an email follows if due."),
-                        "400": _problem("The body is not valid JSON."),
+                        "400": _problem("The body is not valid JSON, or does not decode."),
                         "413": _problem("The body is larger than 64 KiB."),
                         "415": _problem("The body is not application/json."),
                         "422": _problem("The address is invalid."),

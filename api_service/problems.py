@@ -16,6 +16,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 # Stable `type` URIs (relative references, resolved against the API's base URL).
 BAD_JSON = "/problems/malformed-json"
+BAD_BODY = "/problems/malformed-body"
 UNSUPPORTED_MEDIA = "/problems/unsupported-media-type"
 TOO_LARGE = "/problems/request-too-large"
 VALIDATION = "/problems/validation-error"

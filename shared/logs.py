@@ -37,13 +37,17 @@ def redact(line: str) -> str:
     return _SECRET_PARAM.sub(r"\1[redacted]", line)
 
 
-class _ClientMistakes(logging.Filter):
+class ClientMistakes(logging.Filter):
     """aiohttp logs a request it cannot parse (answered 400: the client's mistake, not the
-    server's) as an error, with a traceback that quotes the raw request. Such a record
-    becomes a warning carrying the parser's message in `error`, with no traceback."""
+    server's) as an error, with a traceback that quotes the raw request; and a body that
+    does not decode, which it meets again while draining it after the answer, as an
+    unhandled exception. Such a record becomes a warning carrying the parser's message in
+    `error`, with no traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and not isinstance(exc, HttpProcessingError):
+            exc = exc.__cause__  # a body that failed to decode, met again after the answer
         if isinstance(exc, HttpProcessingError) and exc.code < 500:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = None
@@ -85,5 +89,5 @@ def setup(service: str, level: str = "INFO") -> None:
     # aiohttp's access log duplicates our request metrics and logs every request at INFO.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _ClientMistakes) for f in server.filters):
-        server.addFilter(_ClientMistakes())
+    if not any(isinstance(f, ClientMistakes) for f in server.filters):
+        server.addFilter(ClientMistakes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import unicodedata
@@ -24,6 +25,7 @@ from api_service.settings import ApiSettings
 from devstack.postgres import PostgresServer
 from devstack.procs import proc_memory
 from shared.connections import create_pool
+from shared.logs import ClientMistakes
 from shared.migrate import SCHEMA_VERSION, discover, migrate, migrations_dir
 from shared.verification import hash_code
 from tests.helpers import api_process, signup_body
@@ -185,6 +187,28 @@ async def test_malformed_json_is_400(client: TestClient[Any, Any]) -> None:
         assert resp.status == 400, raw[:20]
         assert resp.content_type == PROBLEM
         assert (await resp.json())["type"] == "/problems/malformed-json"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_is_400_and_logs_no_error(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, encoding: str
+) -> None:
+    """Content-Encoding that the body does not match: aiohttp fails while reading it, and
+    again while draining it after the answer."""
+    resp = await client.post(
+        "/v1/users",
+        data=b"not compressed at all",
+        headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+    )
+    assert resp.status == 400
+    assert resp.content_type == PROBLEM
+    assert (await resp.json())["type"] == "/problems/malformed-body"
+    await asyncio.sleep(0.05)
+    # The services' log setup turns aiohttp's own lines about it into warnings.
+    for record in caplog.records:
+        if record.name == "aiohttp.server":
+            assert ClientMistakes().filter(record)
+        assert record.levelno < logging.ERROR, record.getMessage()
 
 
 async def test_wrong_content_type_is_415(client: TestClient[Any, Any]) -> None:
