@@ -76,8 +76,8 @@ class Loop(abc.ABC):
 
     @property
     def idle(self) -> bool:
-        """Waiting for a wake-up (not inside run_once)."""
-        return self.running and not self._working
+        """Waiting for a wake-up: neither inside run_once nor backing off after a failure."""
+        return self.running and not self._working and self.failures == 0
 
     @property
     def running(self) -> bool:
@@ -102,12 +102,13 @@ class Loop(abc.ABC):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, cut short by wake() or stop()."""
+    async def _sleep(self, seconds: float, wakeable: bool = True) -> None:
+        """Sleep, cut short by stop(), and by wake() if `wakeable`."""
         if seconds <= 0:
             return
+        event = self._wakeup if wakeable else self._stopping
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+            await asyncio.wait_for(event.wait(), seconds)
         self._wakeup.clear()
 
     async def _run(self) -> None:
@@ -131,8 +132,10 @@ class Loop(abc.ABC):
             finally:
                 self._working = False
             if busy is None:
+                # Not cut short by wake(): while Redis is down every signup still NOTIFYs.
                 await self._sleep(
-                    backoff_delay(self.failures, self.error_backoff_base, self.error_backoff_cap)
+                    backoff_delay(self.failures, self.error_backoff_base, self.error_backoff_cap),
+                    wakeable=False,
                 )
             elif not busy:
                 await self._sleep(self.idle_interval)

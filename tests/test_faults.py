@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,37 @@ async def test_a_loop_whose_cancellation_a_library_hides_still_ends(returns: boo
     done, _ = await asyncio.wait([task], timeout=5)
     assert done, "the loop went on after its cancellation"
     await loop.stop()
+
+
+class _AlwaysFails(Loop):
+    name = "always-fails"
+    error_backoff_base = 1.0
+    error_backoff_cap = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def run_once(self) -> bool:
+        self.attempts += 1
+        raise ConnectionError("Redis is down")
+
+
+@pytest.mark.expect_loop_failures
+async def test_a_failing_loop_backs_off_whatever_wakes_it_but_stops_at_once() -> None:
+    """While Redis is down every signup still NOTIFYs the relay: a wake-up must not cut
+    the backoff short (each attempt locks a batch of rows and logs a traceback), and a
+    loop backing off is not idle, the loop the relay hands a NOTIFY to. stop() still ends
+    the backoff."""
+    loop = _AlwaysFails()
+    await loop.start()
+    await asyncio.sleep(0.05)
+    assert loop.attempts == 1
+    assert not loop.idle  # backing off: not a loop to hand a NOTIFY to
+    for _ in range(40):  # 0.4 s of signups, under the least backoff (0.5 s)
+        loop.wake()
+        await asyncio.sleep(0.01)
+    assert loop.attempts == 1
+    t = time.monotonic()
+    await loop.stop(grace=5)
+    assert time.monotonic() - t < 0.2
