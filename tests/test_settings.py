@@ -19,6 +19,7 @@ from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
 from shared.migrate import MigrateSettings
 from worker_service.app import VerifyEmailSettings
+from worker_service.queue import retry_delay
 from worker_service.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,3 +242,17 @@ def test_envelope_round_trip() -> None:
     )
     assert Envelope.decode({b"e": env.encode()}) == env
     assert env.request_id == "r1"
+
+
+def test_the_default_retries_outlast_a_half_hour_smtp_outage() -> None:
+    """An SMTP server down, or a misconfiguration being fixed, must delay the emails, not
+    dead-letter them: with the defaults, the backoff an entry waits in all before its last
+    attempt is over 30 minutes, whatever its jitter."""
+    s = WorkerSettings(database_url="postgresql://db/x", redis_url="redis://r")
+    base, cap = s.retry_backoff_base_seconds, s.retry_backoff_max_seconds
+    waits = [
+        sum(retry_delay(f"{i}-0", d, base, cap) for d in range(1, s.max_attempts))
+        for i in range(1, 201)
+    ]
+    assert min(waits) >= 30 * 60, f"{min(waits) / 60:.1f} minutes"
+    assert max(waits) <= 60 * 60, f"{max(waits) / 60:.1f} minutes"  # as the README says

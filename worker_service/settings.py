@@ -23,7 +23,7 @@ class WorkerSettings(StreamSettings):
     concurrency: int = Field(64, ge=1, le=10_000, alias="WORKER_CONCURRENCY")
     read_count: int = Field(500, ge=1, le=10_000, alias="WORKER_READ_COUNT")
     block_ms: int = Field(1000, ge=1, le=60_000, alias="WORKER_BLOCK_MS")
-    max_attempts: int = Field(8, ge=1, le=1000, alias="WORKER_MAX_ATTEMPTS")
+    max_attempts: int = Field(20, ge=1, le=1000, alias="WORKER_MAX_ATTEMPTS")
     retry_backoff_base_seconds: float = Field(1.0, gt=0, alias="WORKER_RETRY_BACKOFF_BASE_SECONDS")
     retry_backoff_max_seconds: float = Field(300.0, gt=0, alias="WORKER_RETRY_BACKOFF_MAX_SECONDS")
     task_timeout_seconds: float = Field(60.0, gt=0, alias="WORKER_TASK_TIMEOUT_SECONDS")
