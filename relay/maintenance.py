@@ -40,6 +40,10 @@ async def refresh_backlog_gauges(pool: asyncpg.Pool[Any]) -> tuple[int, float]:
 
 class Maintenance(Loop):
     name = "relay-maintenance"
+    # A pass deletes at most this many batches of expired rows; one that deleted that many
+    # runs again at once, so retention keeps up with any rate of completions.
+    purge_batch = 1000
+    purge_max_batches = 10
 
     def __init__(
         self, pool: asyncpg.Pool[Any], reconciler: Reconciler, settings: RelaySettings
@@ -52,22 +56,28 @@ class Maintenance(Loop):
 
     async def run_once(self) -> bool:
         """One pass; True (run again at once) while the reconciler finds lost events on
-        full pages: after Redis lost its data, a page per interval would take hours to
-        work through a large backlog in flight."""
+        full pages (after Redis lost its data, a page per interval would take hours to
+        work through a large backlog in flight), or the purge deleted all it may in one
+        pass (at one pass per interval, completions faster than that would outrun it)."""
         # Each step runs whatever the others do: with Redis down the reconciler fails, and
         # the gauges and the retention (Postgres only) must go on.
         failures: list[Exception] = []
-        republished = 0
+        republished = purged = 0
 
         async def reconcile() -> None:
             nonlocal republished
             republished = await self.reconciler.run_once()
 
-        for step in (
-            lambda: refresh_backlog_gauges(self.pool),
-            reconcile,
-            lambda: purge_completed(self.pool, self.settings.retention_seconds),
-        ):
+        async def purge() -> None:
+            nonlocal purged
+            purged = await purge_completed(
+                self.pool,
+                self.settings.retention_seconds,
+                batch=self.purge_batch,
+                max_batches=self.purge_max_batches,
+            )
+
+        for step in (lambda: refresh_backlog_gauges(self.pool), reconcile, purge):
             try:
                 await step()
             except Exception as e:
@@ -76,4 +86,5 @@ class Maintenance(Loop):
             raise failures[0]
         if failures:
             raise ExceptionGroup("relay maintenance steps failed", failures)
-        return republished > 0 and self.reconciler.more
+        purge_full = purged >= self.purge_batch * self.purge_max_batches
+        return (republished > 0 and self.reconciler.more) or purge_full

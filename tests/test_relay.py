@@ -520,6 +520,29 @@ async def test_retention_purges_only_old_completed_rows(pool: asyncpg.Pool[Any])
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 10
 
 
+async def test_maintenance_runs_again_at_once_while_the_purge_is_behind(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> None:
+    """A pass deletes at most purge_batch x purge_max_batches rows: with more expired than
+    that, it asks to run again at once instead of after the interval (which capped the
+    purge at 2,000 rows a second per relay, below the rate the relay publishes)."""
+    await add_events(pool, 25)
+    await pool.execute(
+        "UPDATE outbox SET published_at = now(), completed_at = now() - interval '2 days'"
+    )
+    settings = relay_settings(pg_server, redis_server)
+    publisher = Publisher(redis, settings.dedupe_ttl_seconds)
+    reconciler = Reconciler(pool, redis, publisher, after_seconds=60)
+    maintenance = Maintenance(pool, reconciler, settings)
+    maintenance.purge_batch, maintenance.purge_max_batches = 5, 2
+    passes = [await maintenance.run_once() for _ in range(3)]
+    assert passes == [True, True, False]  # 10, 10, then the last 5
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+
 async def test_maintenance_purges_and_counts_while_the_reconciler_fails(
     pool: asyncpg.Pool[Any], pg_server: PostgresServer, redis_server: RedisServer
 ) -> None:
