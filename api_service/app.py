@@ -20,8 +20,12 @@ from api_service.resend import resend_verify_email
 from api_service.settings import ApiSettings
 from api_service.users import create_user
 from api_service.verify import verify_email
-from shared.connections import create_pool
+from shared.connections import close_pool, create_pool
 from shared.http_probe import metrics_handler
+
+# After the in-flight requests (aiohttp's shutdown_timeout, the grace): closing the pool
+# is quick unless Postgres went silent, when its connections are dropped instead.
+POOL_CLOSE_SECONDS = 2.0
 
 
 def create_app(settings: ApiSettings, pool: asyncpg.Pool[Any] | None = None) -> web.Application:
@@ -46,7 +50,7 @@ def create_app(settings: ApiSettings, pool: asyncpg.Pool[Any] | None = None) -> 
         yield
         hasher.close()
         if own_pool:
-            await db.close()
+            await close_pool(db, POOL_CLOSE_SECONDS)
 
     async def openapi_json(_request: web.Request) -> web.Response:
         return web.Response(body=openapi, content_type="application/json")

@@ -10,7 +10,7 @@ from relay.publisher import RelayLoop, Wakeups
 from relay.reconciler import Reconciler
 from relay.settings import RelaySettings
 from shared import entrypoint
-from shared.connections import create_pool, create_redis
+from shared.connections import close_pool, create_pool, create_redis
 from shared.http_probe import ProbeServer
 from shared.lifecycle import run_until_signalled
 
@@ -44,9 +44,9 @@ async def serve(cfg: RelaySettings) -> None:
         healthy=lambda: listener.running and all(r.running for r in relays),
     )
 
-    async def close() -> None:
+    async def close(within: float) -> None:
         await redis.aclose()
-        await pool.close()
+        await close_pool(pool, within)
 
     await run_until_signalled(
         [probe, listener, *relays, maintenance], cfg.shutdown_grace_seconds, close

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -10,6 +12,8 @@ import orjson
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from asyncpg.pool import PoolConnectionProxy
+
+logger = logging.getLogger(__name__)
 
 # A connection as handed out by a pool or opened on its own.
 DbConn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -75,6 +79,18 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool[Any], within: float) -> None:
+    """Close the pool's connections gracefully, or drop them after `within` seconds. A
+    graceful close waits for Postgres to acknowledge each connection's end, and one that
+    has gone silent (a partition, a failover in progress) would hold the shutdown for the
+    command timeout, past the stop grace, and then fail it."""
+    try:
+        await asyncio.wait_for(pool.close(), within)
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        logger.warning("pool_close_abandoned", extra={"within": within})
+        pool.terminate()
 
 
 # How long a reply from Redis may take before the call fails with a TimeoutError. Without

@@ -168,9 +168,10 @@ async def stop_within(services: Sequence[Service], grace: float) -> None:
 async def run_until_signalled(
     services: Sequence[Service],
     grace: float,
-    cleanup: Callable[[], Awaitable[None]] | None = None,
+    cleanup: Callable[[float], Awaitable[None]] | None = None,
 ) -> None:
-    """Start the services, wait for SIGTERM/SIGINT, stop them in reverse order within grace."""
+    """Start the services, wait for SIGTERM/SIGINT, stop them in reverse order within grace;
+    then `cleanup(seconds)`, given what is left of the grace (at least STOP_FLOOR_SECONDS)."""
     stop = asyncio.Event()
     install_signal_handlers(stop)
     started: list[Service] = []
@@ -182,7 +183,8 @@ async def run_until_signalled(
         await stop.wait()
         logger.info("service_stopping", extra={"grace": grace})
     finally:
+        deadline = time.monotonic() + grace
         await stop_within(list(reversed(started)), grace)
         if cleanup is not None:
-            await cleanup()
+            await cleanup(max(STOP_FLOOR_SECONDS, deadline - time.monotonic()))
     logger.info("service_stopped")

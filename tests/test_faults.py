@@ -7,7 +7,9 @@ send and its commit; they are counted and reported.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,9 +21,12 @@ import redis.asyncio as aioredis
 
 from devstack import ledger
 from devstack.postgres import PostgresServer
+from devstack.procs import free_port, wait_for_port
 from devstack.redis import RedisServer
+from devstack.services import ServiceProcess
 from devstack.smtp_sink import SmtpSink
 from devstack.stack import Stack
+from shared.connections import close_pool, create_pool
 from shared.constants import CONSUMER_GROUP, stream_key
 from shared.lifecycle import STOP_FLOOR_SECONDS, Loop, stop_within
 from tests.helpers import eventually
@@ -401,3 +406,60 @@ async def test_a_failing_loop_backs_off_whatever_wakes_it_but_stops_at_once() ->
     t = time.monotonic()
     await loop.stop(grace=5)
     assert time.monotonic() - t < 0.2
+
+
+async def test_a_pool_whose_server_went_silent_closes_within_the_time_given(
+    pg_server: PostgresServer,
+) -> None:
+    """At shutdown with Postgres silent (a partition, a failover in progress), asyncpg's
+    close waits for each connection up to its command timeout (30 s), past the stop grace,
+    then raises: the orchestrator SIGKILLs the service. close_pool gives up in time."""
+    pool = await create_pool(pg_server.dsn, max_size=2)
+    async with pool.acquire() as a, pool.acquire() as b:
+        backends = [a.get_server_pid(), b.get_server_pid()]
+    for pid in backends:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        await close_pool(pool, 0.5)
+        assert time.monotonic() - t < 2
+    finally:
+        for pid in backends:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("service", ["relay", "worker"])
+async def test_a_service_stops_within_its_grace_when_postgres_went_silent(
+    service: str, clean: None, service_env: dict[str, str], workdir: Path
+) -> None:
+    """SIGTERM while every Postgres backend the service holds is stopped: it exits 0
+    within its grace plus a little, instead of 30 s later with a TimeoutError."""
+    port = free_port()
+    env = {**service_env, "METRICS_PORT": str(port), "SHUTDOWN_GRACE_SECONDS": "2"}
+    proc = ServiceProcess(service, env, workdir / f"silent-pg-{service}.log").start()
+    assert proc.proc is not None
+    wait_for_port(port, 30, proc.proc)
+    await asyncio.sleep(1.0)  # its loops have run and hold their connections
+    probe = await asyncpg.connect(service_env["DATABASE_URL"])
+    try:
+        backends = [
+            r["pid"]
+            for r in await probe.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                " AND datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
+        assert backends
+        for pid in backends:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            code = proc.terminate(timeout=60)
+            took = time.monotonic() - t
+        finally:
+            for pid in backends:
+                os.kill(pid, signal.SIGCONT)
+    finally:
+        await probe.close()
+    assert code == 0, proc.logs()[-2000:]
+    assert took < 2 + 3, f"stopped after {took:.1f}s"

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 
 from shared import entrypoint
-from shared.connections import REDIS_SOCKET_TIMEOUT_SECONDS, create_pool, create_redis
+from shared.connections import (
+    REDIS_SOCKET_TIMEOUT_SECONDS,
+    close_pool,
+    create_pool,
+    create_redis,
+)
 from shared.http_probe import ProbeServer
 from shared.lifecycle import run_until_signalled
 from worker_service.consumer import Worker
@@ -37,9 +42,9 @@ async def serve(cfg: WorkerSettings, router: Router) -> None:
         cfg.metrics_host, cfg.metrics_port, healthy=lambda: worker.running, before_scrape=scrape
     )
 
-    async def close() -> None:
+    async def close(within: float) -> None:
         await redis.aclose()
-        await pool.close()
+        await close_pool(pool, within)
 
     await run_until_signalled([probe, worker, maintenance], cfg.shutdown_grace_seconds, close)
 
