@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.constants import DEFAULT_QUEUE
 from shared.settings import CommonSettings, QueueName, usable_cpus
@@ -35,3 +35,10 @@ class ApiSettings(CommonSettings):
     )
 
     model_config = CommonSettings.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _check(self) -> ApiSettings:
+        # argon2 refuses less than 8 KiB per lane: every signup would fail with a 500.
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:
+            raise ValueError("ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM")
+        return self

@@ -177,6 +177,18 @@ def test_a_check_across_settings_names_its_variables_without_a_placeholder(
     )
 
 
+def test_argon2_memory_below_what_its_lanes_need_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """argon2 needs 8 KiB per lane: the API would start, then fail every signup."""
+    for k, v in {**GOOD, "ARGON2_MEMORY_KIB": "8", "ARGON2_PARALLELISM": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="ARGON2_MEMORY_KIB must be at least 8 x"):
+        settings.load(ApiSettings)
+    monkeypatch.setenv("ARGON2_MEMORY_KIB", "16")
+    assert settings.load(ApiSettings).argon2_memory_kib == 16
+
+
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = sorted({n for cls in ALL for n in env_names(cls) if f"`{n}`" not in readme})
