@@ -19,6 +19,13 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from shared import logs
 from shared.entrypoint import config_error, load_settings
@@ -62,12 +69,19 @@ def checksum(path: Path) -> str:
 
 
 def discover(directory: Path) -> list[tuple[int, Path]]:
+    """The migrations in `directory`, by version. None at all is a mistake (a wrong
+    MIGRATIONS_DIR, an image without sql/): a run that applied nothing would exit 0 and
+    leave the API unready with no word why."""
+    if not directory.is_dir():
+        raise ConfigError(f"no migrations directory at {directory} (MIGRATIONS_DIR)")
     found = []
     for path in sorted(directory.glob("*.sql")):
         m = _NAME.match(path.name)
         if not m:
             raise ConfigError(f"migration file name not of the form NNN_name.sql: {path.name}")
         found.append((int(m.group(1)), path))
+    if not found:
+        raise ConfigError(f"no migrations (NNN_name.sql) in {directory} (MIGRATIONS_DIR)")
     versions = [v for v, _ in found]
     if len(set(versions)) != len(versions):
         raise ConfigError("two migrations share a version number")
@@ -80,6 +94,23 @@ def discover(directory: Path) -> list[tuple[int, Path]]:
 LOCK_TIMEOUT_MS = 2_000
 COLUMN_LOCK_TIMEOUT_MS = 200  # adding schema_migrations.checksum to an older table
 LOCK_ATTEMPTS = 30
+
+
+# How long a run waits for Postgres to accept connections: deployed beside a Postgres that
+# is still starting (compose's healthcheck can pass while the image's setup server runs),
+# one refused connection would fail the run, and nothing would start after it.
+CONNECT_WITHIN_SECONDS = 60.0
+
+
+@retry(
+    retry=retry_if_exception_type((OSError, asyncpg.CannotConnectNowError)),
+    wait=wait_exponential(multiplier=0.1, max=2),
+    stop=stop_after_delay(CONNECT_WITHIN_SECONDS),
+    before_sleep=before_sleep_log(logger, logging.WARNING),
+    reraise=True,
+)
+async def _connect(dsn: str) -> asyncpg.Connection[Any]:
+    return await asyncpg.connect(dsn)
 
 
 async def schema_version(db: asyncpg.Pool[Any] | asyncpg.Connection[Any]) -> int:
@@ -98,7 +129,9 @@ async def migrate(
     lock_attempts: int = LOCK_ATTEMPTS,
 ) -> list[int]:
     """Apply pending migrations; return the versions applied now."""
-    conn = await asyncpg.connect(dsn)
+    directory = directory or migrations_dir()
+    discover(directory)  # a directory with no migrations fails before any connection
+    conn = await _connect(dsn)
     applied_now: list[int] = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
@@ -128,7 +161,7 @@ async def migrate(
             r["version"]: r["checksum"]
             for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
         }
-        found = [(v, path, checksum(path)) for v, path in discover(directory or migrations_dir())]
+        found = [(v, path, checksum(path)) for v, path in discover(directory)]
         for version, path, sha in found:
             if done.get(version) not in (None, sha):
                 raise MigrationChanged(

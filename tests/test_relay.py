@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -45,6 +47,7 @@ from relay.settings import RelaySettings
 from shared.connections import REDIS_SOCKET_TIMEOUT_SECONDS, create_pool, create_redis
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
+from shared.errors import ConfigError
 from shared.migrate import MigrationChanged, discover, migrate, migrations_dir
 from shared.outbox import enqueue
 from tests.helpers import eventually
@@ -1038,3 +1041,49 @@ async def test_batch_updates_use_the_indexes_as_an_empty_outbox_grows(
         assert read < 300, read
     else:
         assert read > 5_000, read  # O(n^2): the whole table, once per batch
+
+
+async def test_migrate_refuses_a_directory_without_migrations(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """A wrong MIGRATIONS_DIR applied nothing and exited 0, leaving the API unready."""
+    with pytest.raises(ConfigError, match="no migrations directory at"):
+        await migrate(pg_server.dsn, tmp_path / "missing")
+    (tmp_path / "README").write_text("not a migration")
+    with pytest.raises(ConfigError, match=r"no migrations \(NNN_name.sql\) in"):
+        await migrate(pg_server.dsn, tmp_path)
+
+
+async def test_migrate_waits_for_a_postgres_still_starting(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Its port opens a second after the run began (compose's healthcheck can pass before
+    Postgres takes TCP connections): the run waits for it instead of failing at once."""
+    dsn = pg_server.create_database(f"migrate_wait_{uuid.uuid4().hex[:8]}")
+    target = urlsplit(dsn)
+    port = free_port()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def open_later() -> asyncio.Server:
+        await asyncio.sleep(1.0)
+        return await asyncio.start_server(forward, "127.0.0.1", port)
+
+    (tmp_path / "001_a.sql").write_text("CREATE TABLE a (id int);\n")
+    opener = asyncio.create_task(open_later())
+    try:
+        via_proxy = target._replace(netloc=f"{target.netloc.rsplit('@', 1)[0]}@127.0.0.1:{port}")
+        assert await migrate(urlunsplit(via_proxy), tmp_path) == [1]
+    finally:
+        server = await opener
+        server.close()
+    assert "a" in await _tables(dsn)
