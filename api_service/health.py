@@ -1,5 +1,5 @@
-"""Liveness (the process answers) and readiness (Postgres answers, with the schema this
-code needs)."""
+"""Liveness (the process answers) and readiness (Postgres answers, takes writes, and has
+the schema this code needs)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(READY_TIMEOUT_SECONDS):
             version = await schema_version(ctx.pool)
+            # A standby (DATABASE_URL still pointing at a demoted primary after a failover)
+            # or a role made read-only answers reads and fails every signup.
+            read_only = await ctx.pool.fetchval(
+                "SELECT current_setting('transaction_read_only') = 'on'"
+            )
     except Exception as e:
         if isinstance(e, TimeoutError):
             detail = f"The database did not answer within {READY_TIMEOUT_SECONDS:g} s."
@@ -37,6 +42,10 @@ async def readyz(request: web.Request) -> web.Response:
             detail = "The database is unreachable."
         logger.warning("not_ready", extra={"reason": detail, "error": repr(e)})
         raise ProblemError(503, problems.UNAVAILABLE, "Not ready", detail) from None
+    if read_only:
+        detail = "The database is read-only (a standby, or default_transaction_read_only)."
+        logger.warning("not_ready", extra={"reason": detail})
+        raise ProblemError(503, problems.UNAVAILABLE, "Not ready", detail)
     if version < SCHEMA_VERSION:
         raise ProblemError(
             503,

@@ -542,6 +542,27 @@ async def test_readyz_says_when_the_database_refuses_the_query(
         await pool.execute(f"DROP ROLE {role}")
 
 
+async def test_readyz_is_503_on_a_database_that_takes_no_writes(
+    pg_server: PostgresServer, pool: asyncpg.Pool[Any]
+) -> None:
+    """After a failover DATABASE_URL may reach a standby: it answers the readiness read
+    and refuses every signup, so the API must not take traffic there."""
+    read_only = await asyncpg.create_pool(
+        pg_server.dsn,
+        min_size=1,
+        max_size=1,
+        server_settings={"default_transaction_read_only": "on"},
+    )
+    assert read_only is not None
+    try:
+        async with TestClient(TestServer(create_app(cheap_settings(pg_server), read_only))) as c:
+            resp = await c.get("/readyz")
+            assert resp.status == 503
+            assert (await resp.json())["detail"].startswith("The database is read-only")
+    finally:
+        await read_only.close()
+
+
 def test_the_schema_version_the_api_needs_is_the_last_migration() -> None:
     assert discover(migrations_dir())[-1][0] == SCHEMA_VERSION
 
