@@ -627,10 +627,13 @@ WHERE event_id = $1::uuid AND completed_at IS NULL AND dead_lettered_at IS NULL
   AND stream_id IS NOT DISTINCT FROM $3
 """
 # Step 3: point the reconciler at the new entry (and undo a re-bury by another replay that
-# checked for the dead letter before this one's script took it).
+# checked for the dead letter before this one's script took it). A mark that names the new
+# entry is the worker's: it ran the replayed entry and gave up on it again before this
+# step, and the event is in the dead letters once more. That mark stays.
 _TRACK = """
-UPDATE outbox SET stream_id = $2, published_at = now(), dead_lettered_at = NULL,
-    last_error = NULL
+UPDATE outbox SET stream_id = $2, published_at = now(),
+    dead_lettered_at = CASE WHEN stream_id = $2 THEN dead_lettered_at END,
+    last_error = CASE WHEN stream_id = $2 THEN last_error END
 WHERE event_id = $1::uuid AND completed_at IS NULL
 """
 

@@ -466,6 +466,39 @@ async def test_a_replay_that_loses_its_dead_letter_to_a_purge_leaves_the_event_g
     assert row["dead_lettered_at"] is not None
 
 
+async def test_a_replayed_event_the_worker_dead_letters_again_before_step_3_stays_given_up(
+    pipe: Pipeline,
+) -> None:
+    """The worker reads the replayed entry and dead-letters it again (its cause is not
+    fixed) between the replay's script and its step 3. Step 3 must not clear that mark:
+    the row would be in flight while its event sits in the dead letters, and once the
+    acknowledged entry is trimmed the reconciler would publish it a second time."""
+    ids = await pipe.make_dead_letters()
+    dl = await pipe.dead_letter(ids["t0"])
+    real = StreamQueue(pipe.redis, "default")
+
+    class WorkerBetween:
+        dead = real.dead
+        redis = real.redis
+
+        async def replay_dead(self, *args: Any) -> Any:
+            new_id = await real.replay_dead(*args)
+            assert await pipe.work() == 1  # fails again: dead-lettered again
+            return new_id
+
+    new_id = await replay_one(pipe.pool, WorkerBetween(), dl)  # type: ignore[arg-type]
+    row = await pipe.row(ids["event_t0"])
+    assert row["dead_lettered_at"] is not None, "dead-lettered in Redis, in flight in Postgres"
+    assert row["last_error"] is not None
+    assert row["stream_id"] == new_id  # the entry it was given up on
+    # A later replay (the cause fixed) puts it back once, and it completes.
+    (again,) = [d for d in await pipe.dead_ids() if d not in ids.values()]
+    pipe.handlers.fail = False
+    assert await replay_one(pipe.pool, real, await pipe.dead_letter(again)) is not None
+    assert await pipe.work() == 1
+    assert pipe.handlers.done == [("t", 0)]
+
+
 async def test_replay_all_needs_yes_then_skips_what_has_no_envelope(
     pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
 ) -> None:

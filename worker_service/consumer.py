@@ -51,8 +51,10 @@ _MARK_COMPLETED = """
 UPDATE outbox SET completed_at = now()
 WHERE event_id = ANY($1::uuid[]) AND completed_at IS NULL
 """
+# With the entry given up on: a replay that put the event back as that entry (and is
+# about to record it, shared.ctl._TRACK) then knows the mark is about it, not older.
 _MARK_DEAD = """
-UPDATE outbox SET dead_lettered_at = now(), last_error = $2
+UPDATE outbox SET dead_lettered_at = now(), last_error = $2, stream_id = $3
 WHERE event_id = $1::uuid AND completed_at IS NULL
 """
 
@@ -705,7 +707,9 @@ class Worker:
         async def record() -> None:
             # Postgres first: the reconciler must not publish again an event given up on.
             if event_id is not None:
-                await self.pool.execute(_MARK_DEAD, event_id, dead_letter_error(reason, error))
+                await self.pool.execute(
+                    _MARK_DEAD, event_id, dead_letter_error(reason, error), entry.id
+                )
             await self.queue.dead_letter(
                 entry, reason=reason, error=error, event_id=event_id, task_type=task_type
             )
