@@ -21,10 +21,11 @@ BACKLOG_COUNT_CAP = 100_000
 
 _BACKLOG = """
 SELECT
-  (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
+  (SELECT count(*) FROM (SELECT 1 FROM outbox
+                         WHERE published_at IS NULL AND dead_lettered_at IS NULL
                          LIMIT $1) AS capped) AS backlog,
   (SELECT extract(epoch FROM now() - available_at) FROM outbox
-   WHERE published_at IS NULL AND available_at <= now()
+   WHERE published_at IS NULL AND available_at <= now() AND dead_lettered_at IS NULL
    ORDER BY available_at LIMIT 1) AS oldest_age
 """
 

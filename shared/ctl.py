@@ -341,10 +341,13 @@ def _say(line: str) -> None:
 # large the backlog is. Counts are for this queue only.
 _STATUS = """
 SELECT
-  (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL AND queue = $2
+  (SELECT count(*) FROM (SELECT 1 FROM outbox
+                         WHERE published_at IS NULL AND dead_lettered_at IS NULL
+                           AND queue = $2
                          LIMIT $1) AS capped) AS backlog,
   (SELECT extract(epoch FROM now() - available_at) FROM outbox
-   WHERE published_at IS NULL AND available_at <= now() AND queue = $2
+   WHERE published_at IS NULL AND available_at <= now() AND dead_lettered_at IS NULL
+     AND queue = $2
    ORDER BY available_at LIMIT 1) AS oldest_age,
   (SELECT count(*) FROM (SELECT 1 FROM outbox
                          WHERE published_at IS NOT NULL AND completed_at IS NULL

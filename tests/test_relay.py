@@ -512,6 +512,29 @@ async def test_a_republish_redis_refuses_in_part_adds_nothing_twice_on_the_next_
     assert await redis.xlen(stream_key("b")) == 3
 
 
+async def test_an_unpublished_row_already_given_up_on_is_neither_published_nor_counted(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """Migration 002 gives up on unfinished rows whose payload is not a JSON object,
+    unpublished ones included (kept for an operator): the relay must not publish them to
+    a worker that would dead-letter them again, nor count them as a backlog for ever (the
+    oldest-unpublished alert would never clear)."""
+    given_up, due = await add_events(pool, 2)
+    await pool.execute(
+        "UPDATE outbox SET dead_lettered_at = now(), last_error = 'not an object'"
+        " WHERE event_id = $1",
+        given_up,
+    )
+    relay = RelayLoop(pool, redis, settings)
+    while await relay.run_once():
+        pass
+    assert [e.event_id for e in await stream_events(redis)] == [due]
+    assert (
+        await pool.fetchval("SELECT published_at FROM outbox WHERE event_id = $1", given_up) is None
+    )
+    assert await refresh_backlog_gauges(pool) == (0, 0.0)
+
+
 async def test_retention_purges_only_old_completed_rows(pool: asyncpg.Pool[Any]) -> None:
     await add_events(pool, 30)
     await pool.execute(
