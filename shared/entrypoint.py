@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
@@ -13,6 +15,11 @@ from shared import logs, settings
 from shared.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
+
+logger = logging.getLogger(__name__)
+
+# After main() returns, how long the tasks still running get to end once cancelled.
+LEFTOVER_TASKS_SECONDS = 2.0
 
 
 def config_error(service: str, message: object) -> NoReturn:
@@ -38,6 +45,26 @@ def run(service: str, log_level: str, main: Callable[[], Coroutine[Any, Any, Non
     except ImportError:
         pass
     try:
-        asyncio.run(main())
+        asyncio.run(_then_leftovers(main))
     except ConfigError as e:  # raised while starting, e.g. by an app's startup hook
         config_error(service, e)
+
+
+async def _then_leftovers(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """main(), then the tasks it left running, cancelled and given LEFTOVER_TASKS_SECONDS.
+    asyncio.run() would wait for ever on one that swallows its cancellation (a task
+    handler's bug), and the orchestrator would SIGKILL the process after its stop period:
+    such a process exits 1 instead, naming the tasks."""
+    await main()
+    leftovers = asyncio.all_tasks() - {asyncio.current_task()}
+    if not leftovers:
+        return
+    for task in leftovers:
+        task.cancel()
+    _done, deaf = await asyncio.wait(leftovers, timeout=LEFTOVER_TASKS_SECONDS)
+    if deaf:
+        logger.error(
+            "tasks_ignore_cancellation", extra={"tasks": sorted(t.get_name() for t in deaf)}
+        )
+        logging.shutdown()
+        os._exit(1)

@@ -1,6 +1,7 @@
 """A worker app for the fault tests: the real verification handler, except that it hangs
-on the first attempt for users whose name starts with "hang", and kills its process (as
-the OOM killer would: no cleanup) for users whose name starts with "crash"."""
+on the first attempt for users whose name starts with "hang", kills its process (as
+the OOM killer would: no cleanup) for users whose name starts with "crash", and for users
+whose name starts with "deaf" never ends, swallowing every cancellation (a handler bug)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ async def hang_then_send(ctx: TaskContext) -> None:
     username = str(ctx.payload.get("username", ""))
     if username.startswith("hang") and ctx.attempt == 1:
         await asyncio.Event().wait()  # never set: only the timeout ends this
+    if username.startswith("deaf"):
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                continue  # the bug: a cancellation swallowed
     if username.startswith("crash"):
         os._exit(70)
     await verify_app.send_verify_email(ctx)

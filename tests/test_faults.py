@@ -190,6 +190,38 @@ async def test_an_entry_that_kills_its_worker_takes_no_other_entry_with_it(
     assert orphans > 3, "no entry was in flight beside the killer: the test proves nothing"
 
 
+async def test_a_worker_whose_handler_swallows_its_cancellation_still_exits(
+    stack: Stack, smtp_sink: SmtpSink, redis: aioredis.Redis
+) -> None:
+    """A handler that never ends and swallows every cancellation (its timeout's, the
+    stop's, asyncio.run()'s at exit) held the process for ever: SIGTERM ended in SIGKILL.
+    It now exits, non-zero and saying which task would not end, and its delivery counts
+    (handed back uncounted, it would run again as attempt 1 for ever)."""
+    stack.start("api")
+    stack.start("relay")
+    worker = stack.start(
+        "worker", app="tests.fault_app:router", SHUTDOWN_GRACE_SECONDS="1", **MAX_3
+    )
+    assert await stack.signups(1, "deaf") == 1
+    assert await stack.signups(1, "fine") == 1
+    await wait_emails(smtp_sink, 1)  # the other entry goes through beside it
+    await asyncio.sleep(1.5)  # past the handler's 1 s timeout, which it ignores
+    t = time.monotonic()
+    code = worker.terminate(timeout=30)
+    took = time.monotonic() - t
+    log = worker.logs()
+    assert code == 1, log[-3000:]
+    assert took < 10, f"exited after {took:.1f}s"
+    assert '"worker_handlers_ignore_cancellation"' in log
+    assert '"tasks_ignore_cancellation"' in log
+    # Handed back for another worker with its timed-out delivery counted.
+    (pending,) = await redis.xpending_range(stream_key("default"), CONSUMER_GROUP, "-", "+", 10)
+    assert pending["times_delivered"] == 1
+    for p in stack.procs:  # the fixture stops the rest; this one is done
+        if p is worker:
+            stack.procs.remove(p)
+
+
 async def test_redis_stopped_for_5_seconds(
     stack: Stack, pg_server: PostgresServer, redis_server: RedisServer, smtp_sink: SmtpSink
 ) -> None:

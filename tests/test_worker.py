@@ -1392,8 +1392,9 @@ async def test_a_stop_clears_the_mark_of_an_orphan_it_cut_short(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """An orphan running alone (marked at delivery 2) ignores its timeout, then a stop
-    cuts it short and hands it back uncounted (1): its next deliveries count 2 again, so
-    the mark must go, or a crash of another entry beside that retry would blame it."""
+    cuts it short and hands it back with that timed-out delivery counted (2), not run
+    alone to an end: the mark must go, or a crash of another entry beside its next
+    delivery would blame it."""
     await publish(1, task="stubborn")
     (orphan,) = await delivered_to(redis, "dead", 1)
     worker = make_worker(visibility_timeout_seconds=0.3)
@@ -1405,7 +1406,7 @@ async def test_a_stop_clears_the_mark_of_an_orphan_it_cut_short(
         rec.released = True
     owner = await _owner(redis, orphan.id)
     assert owner is not None
-    assert owner[1] == 1  # handed back uncounted
+    assert owner[1] == 2  # its timeout had ended the attempt: counted
     client: Any = redis
     assert await client.exists(alone_key(orphan.id)) == 0
 

@@ -178,7 +178,7 @@ class Worker:
             t.cancel()
         await asyncio.gather(*takers, return_exceptions=True)
         stuck: list[str] = []
-        uncounted: dict[str, int] = {}
+        counts: dict[str, int] = {}
         running_orphan = self._orphan
         if self._inflight:
             # Claims are still renewed meanwhile: the heartbeat runs until _closing.
@@ -188,7 +188,12 @@ class Worker:
             if pending:
                 stuck = [eid for eid, t in self._inflight.items() if t in pending]
                 # A delivery a shutdown cut short is no attempt: handed back uncounted.
-                uncounted = {eid: self._deliveries.get(eid, 1) - 1 for eid in stuck}
+                # Not one its timeout had ended already: that attempt was made (uncounted,
+                # a handler that never gives way would run as attempt 1 for ever).
+                counts = {
+                    eid: self._deliveries.get(eid, 1) - (eid not in self._timed_out)
+                    for eid in stuck
+                }
                 logger.warning("worker_handlers_cancelled", extra={"entries": stuck})
                 for t in pending:
                     t.cancel()
@@ -236,7 +241,7 @@ class Worker:
                 self.consumer,
                 [i for i in stuck if i not in back],
                 due_now=True,
-                deliveries=uncounted,
+                deliveries=counts,
             )
         with contextlib.suppress(Exception):
             # Handed back uncounted, a delivery's count comes round again: the mark of an
