@@ -85,8 +85,20 @@ class Reconciler:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for r in records:
                     pipe.xrange(stream_key(r["queue"]), r["stream_id"], r["stream_id"], count=1)
-                present = await pipe.execute()
-            lost = [r for r, found in zip(records, present, strict=True) if not found]
+                # A refusal about one queue's stream (WRONGTYPE, an ACL's NOPERM) leaves
+                # its rows unchecked this pass, not every queue's (a connection error
+                # still raises).
+                present = await pipe.execute(raise_on_error=False)
+            refused = sorted(
+                {r["queue"] for r, found in zip(records, present, strict=True) if _is_error(found)}
+            )
+            if refused:
+                logger.warning("reconcile_check_refused", extra={"queues": refused})
+            lost = [
+                r
+                for r, found in zip(records, present, strict=True)
+                if not found and not _is_error(found)
+            ]
             if not lost:
                 return 0
             rows = [to_row(r) for r in lost]
@@ -102,3 +114,7 @@ class Reconciler:
             )
         metrics.REPUBLISHED.inc(len(rows))
         return len(rows)
+
+
+def _is_error(reply: object) -> bool:
+    return isinstance(reply, Exception)

@@ -484,6 +484,26 @@ async def test_a_republish_whose_new_id_never_reached_postgres_is_not_added_agai
     assert sorted(e.event_id for e in await stream_events(redis)) == sorted(ids)
 
 
+async def test_a_queue_whose_stream_redis_refuses_to_read_holds_back_only_its_rows(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """Redis lost its data, and one queue's stream key now refuses XRANGE (here it holds
+    a string: WRONGTYPE; in life an ACL's NOPERM). The other queue's lost events are
+    still published again; the refused queue's wait for the refusal to end."""
+    await add_events(pool, 3, queue="a")
+    await add_events(pool, 3, queue="b")
+    relay = RelayLoop(pool, redis, settings)
+    await relay.run_once()
+    await redis.flushall()
+    await redis.set(stream_key("b"), "not a stream")
+    reconciler = Reconciler(pool, redis, relay.publisher, after_seconds=0.0)
+    assert await reconciler.run_once() == 3
+    assert await redis.xlen(stream_key("a")) == 3
+    await redis.delete(stream_key("b"))  # the refusal ends
+    assert await reconciler.run_once() == 3
+    assert await redis.xlen(stream_key("b")) == 3
+
+
 async def test_a_republish_redis_refuses_in_part_adds_nothing_twice_on_the_next_passes(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
 ) -> None:
