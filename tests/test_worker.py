@@ -1127,6 +1127,32 @@ async def test_a_stop_keeps_its_grace_when_a_handler_ignores_cancellation(
     assert done, f"stop(grace=1) still running after 8 s (took {time.monotonic() - t0:.1f})"
 
 
+async def test_a_handler_that_ignores_its_timeout_on_its_last_attempt_is_given_up_at_stop(
+    redis: aioredis.Redis,
+    pool: asyncpg.Pool[Any],
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+) -> None:
+    """Its attempts check never runs (the handler never returns): handed back at every
+    stop, it would take a slot in worker after worker for ever. On its last attempt and
+    past its timeout, the stop dead-letters it instead."""
+    (event_id,) = await publish(1, task="stubborn")
+    worker = make_worker(max_attempts=1)
+    await worker.start()
+    try:
+        await eventually(lambda: _is(bool(worker._timed_out)))
+        await worker.stop(grace=0.3)
+    finally:
+        rec.released = True
+    (dead,) = await dead_letters(redis)
+    assert dead["reason"] == "max_attempts"
+    assert "did not give way" in dead["error"]
+    assert await pending_count(redis) == 0  # acknowledged
+    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
+    assert row is not None and row["dead_lettered_at"] is not None
+
+
 async def test_a_held_orphan_runs_as_soon_as_the_last_live_handler_ends(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:

@@ -104,6 +104,9 @@ class Worker:
         self._scan_from: dict[str, str] = {}
         self._deadlines: dict[str, tuple[float, asyncio.Task[Any]]] = {}  # running handlers
         self._timed_out: set[str] = set()
+        # Handlers running their entry's last attempt: how to give each up, should it
+        # ignore its timeout's cancellation (see stop()).
+        self._last_attempts: dict[str, Callable[[], Awaitable[None]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._read_watermark = max(1, settings.concurrency // 4)
         self._slot_free = asyncio.Event()
@@ -200,10 +203,17 @@ class Worker:
                 # A handler may swallow its cancellation: it is left behind, not waited for.
                 _done, deaf = await asyncio.wait(pending, timeout=STOP_FLOOR_SECONDS)
                 if deaf:
-                    logger.error(
-                        "worker_handlers_ignore_cancellation",
-                        extra={"entries": [e for e, t in self._inflight.items() if t in deaf]},
-                    )
+                    deaf_ids = [e for e, t in self._inflight.items() if t in deaf]
+                    logger.error("worker_handlers_ignore_cancellation", extra={"entries": deaf_ids})
+                    # One on its last attempt, past its timeout, never reaches the attempts
+                    # check (it never returns): handed back, it would hold a slot in worker
+                    # after worker for ever. It is given up on here.
+                    for eid in deaf_ids:
+                        give_up = self._last_attempts.pop(eid, None)
+                        if give_up is not None and eid in self._timed_out:
+                            with contextlib.suppress(Exception):
+                                await give_up()
+                                stuck.remove(eid)
         self._closing.set()
         self._ack_ready.set()
         _done, still = await asyncio.wait(
@@ -622,6 +632,16 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         timed_out = False
+        if entry.deliveries >= max_attempts:
+            self._last_attempts[entry.id] = functools.partial(
+                self._dead_letter,
+                entry,
+                envelope,
+                route,
+                "max_attempts",
+                f"timed out after {timeout}s and did not give way (the handler swallows its"
+                " cancellation)",
+            )
         self._watch(entry.id, task, started + timeout)
         try:
             await route.handler(ctx)
@@ -632,6 +652,7 @@ class Worker:
             failure = e
         finally:
             del self._deadlines[entry.id]
+            self._last_attempts.pop(entry.id, None)
             if entry.id in self._timed_out:
                 # The sweeper's cancellation, however the handler ended: take it back. A
                 # cancellation from elsewhere (the end of a shutdown's grace) still stands.
