@@ -239,6 +239,35 @@ async def dead_letters(redis: aioredis.Redis) -> list[dict[str, str]]:
     ]
 
 
+async def test_the_oldest_pending_age_is_time_since_delivery_not_counting_parked_retries(
+    redis: aioredis.Redis,
+) -> None:
+    """The gauge behind the PendingEntriesTooOld alert: an entry added long ago but
+    delivered just now is not old (a backlog caught up after an outage), one parked to
+    wait out its retry backoff is waiting as it should (SMTP retries last up to an hour),
+    and one delivered to a consumer that stopped renewing it is as old as that delivery."""
+    client: Any = redis
+    queue = StreamQueue(redis, "default")
+    await queue.ensure_group()
+    ten_minutes_ago = int((time.time() - 600) * 1000)
+    old_ids = [
+        (await client.xadd(STREAM, {"e": b"x"}, id=f"{ten_minutes_ago}-{i}")).decode()
+        for i in range(3)
+    ]
+    await client.xreadgroup(CONSUMER_GROUP, "live", {STREAM: ">"}, count=3)
+    stats = await queue.stats()
+    assert stats["pending"] == 3
+    assert stats["oldest_pending_age"] < 5  # delivered just now
+    await queue.park_for_retry("live", old_ids[:2])
+    await asyncio.sleep(1.1)
+    await client.xclaim(STREAM, CONSUMER_GROUP, "live", 0, [old_ids[0]], justid=True)  # renewed
+    stats = await queue.stats()
+    assert 1.0 <= stats["oldest_pending_age"] < 5  # the one left with "live", not the parked
+    await client.xack(STREAM, CONSUMER_GROUP, old_ids[2])
+    await client.xclaim(STREAM, CONSUMER_GROUP, "live", 0, [old_ids[0]], justid=True)
+    assert (await queue.stats())["oldest_pending_age"] < 1  # only the parked one is left
+
+
 async def test_done_records_completion_then_acks(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,

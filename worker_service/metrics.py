@@ -20,7 +20,9 @@ END_TO_END = Histogram(
 STREAM_LENGTH = Gauge("worker_stream_length", "Entries in the queue's stream.")
 PENDING = Gauge("worker_pending_entries", "Entries delivered and not yet acknowledged.")
 OLDEST_PENDING_AGE = Gauge(
-    "worker_oldest_pending_age_seconds", "Age of the oldest pending entry (0 when none)."
+    "worker_oldest_pending_age_seconds",
+    "Longest a pending entry has gone since it was delivered or renewed, entries parked for"
+    " a retry left out (0 when none).",
 )
 GROUP_LAG = Gauge(
     "worker_group_lag", "Entries not yet delivered to the group (-1: Redis < 7 does not say)."

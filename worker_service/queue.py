@@ -42,6 +42,9 @@ return id
 """
 
 HAND_OVER_CHUNK = 500  # ids per hand-over script: a few ms of Redis each
+# Pending entries read per consumer for the oldest-delivery gauge, each scrape: a consumer
+# holds at most its concurrency plus one read, unless it stopped with more.
+STATS_PENDING_SCAN = 1000
 # How long the mark of an orphan running alone lasts: until its next takeover (within the
 # visibility timeout, or at a restart); expired, the orphan gets one more run alone.
 ALONE_MARK_TTL_SECONDS = 86_400
@@ -390,7 +393,7 @@ class StreamQueue:
         }
         if isinstance(summary, dict) and summary.get("pending"):
             out["pending"] = int(summary["pending"])
-            out["oldest_pending_age"] = max(0.0, time.time() - entry_time(_sid(summary["min"])))
+            out["oldest_pending_age"] = await self._oldest_delivery_age(summary["consumers"])
         if isinstance(groups, list):
             for g in groups:
                 if _sid(g["name"]) == self.group:
@@ -398,6 +401,31 @@ class StreamQueue:
                     lag = g.get("lag")
                     out["lag"] = int(lag) if lag is not None else -1
         return out
+
+    async def _oldest_delivery_age(self, consumers: list[dict[str, Any]]) -> float:
+        """Seconds since the longest-waiting pending entry was delivered or renewed, over
+        the first STATS_PENDING_SCAN entries of each consumer; entries parked to wait out
+        a retry's backoff do not count (they wait as they should, up to an hour with the
+        defaults). Not the entry's age: a backlog's old entries delivered just now are not
+        stuck. Capped at the entry's age (a stop's hand-back makes an entry look idle for
+        ever, to be taken at once)."""
+        names = [c["name"] for c in consumers if _sid(c["name"]) != RETRY_PARKING_CONSUMER]
+        if not names:
+            return 0.0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xpending_range(
+                    self.stream, self.group, "-", "+", STATS_PENDING_SCAN, consumername=name
+                )
+            replies = await pipe.execute(raise_on_error=False)
+        now = time.time()
+        ages: list[float] = [
+            min(int(p["time_since_delivered"]) / 1000, now - entry_time(_sid(p["message_id"])))
+            for reply in replies
+            if isinstance(reply, list)
+            for p in reply
+        ]
+        return max([0.0, *ages])
 
 
 def _id_tuple(entry_id: str) -> tuple[int, int]:
