@@ -2,8 +2,8 @@
 
 Starts Postgres, Redis and an SMTP sink unless DATABASE_URL, REDIS_URL or SMTP_URL point
 at servers already, applies the migrations, then runs the API, the relay and the worker
-as separate processes. Ctrl-C (or SIGTERM) stops the services gracefully, then the
-servers. Data lives under .data/ and survives a restart.
+as separate processes. Ctrl-C (or SIGTERM, or SIGHUP: the terminal closed) stops the
+services gracefully, then the servers. Data lives under .data/ and survives a restart.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,14 @@ def _port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _in_use(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
     parser.add_argument("--data", type=Path, default=Path(".data"), help="default: .data")
@@ -41,10 +50,34 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(*_: object) -> None:
         stop["now"] = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # The services run in sessions of their own (a Ctrl-C reaches this supervisor only,
+    # which stops them in order): a closed terminal's SIGHUP must stop them too.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    env = dict(os.environ)
+    ports = {
+        "API_PORT": int(env.get("API_PORT", "8000")),
+        "DEV_RELAY_METRICS_PORT": _port("DEV_RELAY_METRICS_PORT", 9101),
+        "DEV_WORKER_METRICS_PORT": _port("DEV_WORKER_METRICS_PORT", 9102),
+    }
+    for url, name, default in (
+        ("DATABASE_URL", "DEV_PG_PORT", 55432),
+        ("REDIS_URL", "DEV_REDIS_PORT", 56379),
+        ("SMTP_URL", "DEV_SMTP_PORT", 2525),
+    ):
+        if url not in env:
+            ports[name] = _port(name, default)
+    # A stack left running (its terminal killed with it, say) would answer this one's
+    # readiness checks, and its services would then fail to bind, one by one.
+    taken = [f"{port} ({name})" for name, port in ports.items() if _in_use(port)]
+    if taken:
+        print(
+            f"port in use on 127.0.0.1: {', '.join(taken)}. Is another `make run` still"
+            " running? Stop it, or choose other ports with these variables.",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        env = dict(os.environ)
         if "DATABASE_URL" not in env:
             pg = PostgresServer(
                 data / "postgres", _port("DEV_PG_PORT", 55432), log=data / "postgres.log"

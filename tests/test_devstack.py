@@ -87,3 +87,35 @@ async def test_make_run_supervisor(workdir: Path) -> None:
     finally:
         code, out = stop(proc)
     assert code == 0, out[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_a_closed_terminal_stops_the_whole_stack(workdir: Path) -> None:
+    """SIGHUP (the terminal closed, an ssh session dropped) reaches the supervisor only:
+    the servers and services run in sessions of their own, and were left running."""
+    ports = {k: free_port() for k in ("api", "pg", "redis", "smtp", "relay", "worker")}
+    proc = start(workdir / "devstack-hup", ports)
+    try:
+        await asyncio.to_thread(wait_for_port, ports["api"], 60)
+    finally:
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    for port in ports.values():
+        with pytest.raises(TimeoutError, match="nothing listening"):
+            await asyncio.to_thread(wait_for_port, port, 0.2)
+
+
+async def test_a_port_already_taken_stops_it_before_anything_starts(workdir: Path) -> None:
+    """A stack left running would answer this one's readiness checks, then its services
+    would fail to bind one by one: say so at once instead."""
+    ports = {k: free_port() for k in ("api", "pg", "redis", "smtp", "relay", "worker")}
+    squatter = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", ports["redis"])
+    try:
+        proc = start(workdir / "devstack-taken", ports)
+        out, _ = await asyncio.to_thread(proc.communicate, None, 30)
+    finally:
+        squatter.close()
+    assert proc.returncode == 2, out
+    assert f"port in use on 127.0.0.1: {ports['redis']} (DEV_REDIS_PORT)" in out
+    assert "starting PostgreSQL" not in out
