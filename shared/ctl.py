@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1022,6 +1024,8 @@ async def _run(func: Command, args: argparse.Namespace, cfg: CtlSettings) -> int
         raise CtlError(f"Redis error: {_one_line(e)}") from None
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         raise CtlError(f"Postgres error: {_one_line(e)}") from None
+    except BrokenPipeError:
+        raise  # our reader went away (`| head`): not a connection of ours
     except OSError as e:
         raise CtlError(f"connection error: {_one_line(e)}") from None
     finally:
@@ -1047,6 +1051,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `outboxctl dead list | head`: end as a command killed by SIGPIPE does, quietly.
+        # stdout points at /dev/null so that the interpreter's last flush does not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -307,6 +307,36 @@ async def test_list_and_purge_a_stream_longer_than_a_page(
     assert await pipe.redis.xlen(DEAD) == 0
 
 
+async def test_a_listing_piped_into_head_ends_quietly(
+    pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
+) -> None:
+    """`outboxctl dead list | head`: the reader goes away, and that is no connection error
+    (it printed one, exit 1); it ends as a shell command killed by SIGPIPE (141)."""
+    async with pipe.redis.pipeline(transaction=False) as p:
+        for i in range(3000):
+            p.xadd(DEAD, {"reason": "bulk", "task_type": "t", "error": f"e{i}", "attempts": "1"})
+        await p.execute()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.ctl", "dead", "list", "--limit", "0"],
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "DATABASE_URL": pg_server.dsn,
+            "REDIS_URL": redis_server.url,
+        },
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    code = await asyncio.to_thread(proc.wait, 60)
+    err = proc.stderr.read().decode()
+    assert code == 141, err
+    assert err == ""
+
+
 async def test_show_one_dead_letter(pipe: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
     ids = await pipe.make_dead_letters()
     capsys.readouterr()
