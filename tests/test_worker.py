@@ -526,12 +526,18 @@ async def test_an_entry_deleted_while_pending_is_acknowledged_not_stuck(
     assert [int(i) for i, _ in rec.calls] == [1]  # the deleted one had nothing to run
 
 
+@pytest.mark.parametrize("max_attempts", [3, 20])
 async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
-    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+    max_attempts: int,
 ) -> None:
     """A handler that crashes the process never reaches the failure count: each takeover
-    only adds a delivery. Past max_attempts (3 here) deliveries, the last of them run
-    alone, it is not run again."""
+    only adds a delivery. Past 3 deliveries (max_attempts, or WORKER_MAX_CRASH_DELIVERIES
+    where the attempts are more, as the default 20 are), the last of them run alone, it is
+    not run again."""
     await publish(1)
     q = StreamQueue(redis, "default")
     await q.ensure_group()
@@ -540,7 +546,7 @@ async def test_an_entry_that_keeps_killing_its_workers_is_dead_lettered(
     for name in ("died_2", "died_3"):  # two more workers took it over and died
         await client.xclaim(STREAM, CONSUMER_GROUP, name, 0, [entry.id])
     await q.mark_alone("died_3", entry.id, 3)  # died_3 ran its third delivery alone
-    worker = make_worker(visibility_timeout_seconds=0.2)
+    worker = make_worker(visibility_timeout_seconds=0.2, max_attempts=max_attempts)
     await worker.setup()
     await asyncio.sleep(0.3)
     await worker.run_once()

@@ -611,7 +611,7 @@ class Worker:
         )
         timeout = route.timeout or s.task_timeout_seconds
         max_attempts = route.max_attempts or s.max_attempts
-        if entry.killed_alone and entry.deliveries > max_attempts:
+        if entry.killed_alone and entry.deliveries > min(max_attempts, s.max_crash_deliveries):
             # More deliveries than attempts, the last of them run alone with no outcome: it
             # took its worker down itself (a crash, the OOM killer, a blocked loop), which
             # the failure count below never sees. Running it again would take the next

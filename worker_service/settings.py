@@ -24,6 +24,12 @@ class WorkerSettings(StreamSettings):
     read_count: int = Field(500, ge=1, le=10_000, alias="WORKER_READ_COUNT")
     block_ms: int = Field(1000, ge=1, le=60_000, alias="WORKER_BLOCK_MS")
     max_attempts: int = Field(20, ge=1, le=1000, alias="WORKER_MAX_ATTEMPTS")
+    # An entry that takes its worker down (a crash, the OOM killer, a stalled loop) never
+    # reaches the attempts check; past this many deliveries, the last of them run alone
+    # with no outcome, it is dead-lettered instead of run again (the lower of this and the
+    # attempts applies). Apart from max_attempts, whose default is there to outlast an SMTP
+    # outage: 20 crashes in a row would be 20 worker restarts.
+    max_crash_deliveries: int = Field(3, ge=1, le=1000, alias="WORKER_MAX_CRASH_DELIVERIES")
     retry_backoff_base_seconds: float = Field(1.0, gt=0, alias="WORKER_RETRY_BACKOFF_BASE_SECONDS")
     retry_backoff_max_seconds: float = Field(300.0, gt=0, alias="WORKER_RETRY_BACKOFF_MAX_SECONDS")
     task_timeout_seconds: float = Field(60.0, gt=0, alias="WORKER_TASK_TIMEOUT_SECONDS")
