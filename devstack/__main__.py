@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from devstack.postgres import PostgresServer
 from devstack.procs import make_traversable
@@ -27,6 +29,13 @@ from shared.migrate import migrate
 
 def _port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
+
+
+def _say(*args: object, **kwargs: Any) -> None:
+    """print(), which must not stop the shutdown: after a hangup, writing to the closed
+    terminal fails (EIO), and the servers would be left running."""
+    with contextlib.suppress(OSError):
+        print(*args, **kwargs)
 
 
 def _in_use(port: int) -> bool:
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     # readiness checks, and its services would then fail to bind, one by one.
     taken = [f"{port} ({name})" for name, port in ports.items() if _in_use(port)]
     if taken:
-        print(
+        _say(
             f"port in use on 127.0.0.1: {', '.join(taken)}. Is another `make run` still"
             " running? Stop it, or choose other ports with these variables.",
             file=sys.stderr,
@@ -82,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             pg = PostgresServer(
                 data / "postgres", _port("DEV_PG_PORT", 55432), log=data / "postgres.log"
             )
-            print(f"starting PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})", flush=True)
+            _say(f"starting PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})", flush=True)
             pg.start()
             servers.append(pg)
             env["DATABASE_URL"] = pg.create_database("signup")
         if "REDIS_URL" not in env:
             rs = RedisServer(data / "redis", _port("DEV_REDIS_PORT", 56379), log=data / "redis.log")
-            print(
+            _say(
                 f"starting Redis on 127.0.0.1:{rs.port} (append-only file in {rs.data_dir})",
                 flush=True,
             )
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in metrics_ports:
                 child_env["METRICS_PORT"] = metrics_ports[name]
             services.append(ServiceProcess(name, child_env, None).start())
-        print(
+        _say(
             "\n"
             f"  API:        http://localhost:{api_port}   (OpenAPI at /openapi.json)\n"
             f"  Mail:       {data / 'mail'}/*.eml\n"
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         while not stop["now"]:
             for svc in services:
                 if not svc.alive:
-                    print(
+                    _say(
                         f"{svc.name} exited with {svc.proc and svc.proc.returncode}; stopping",
                         file=sys.stderr,
                         flush=True,
@@ -137,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         return 0 if all(s.alive for s in services) else 1
     finally:
-        print("stopping services...", flush=True)
+        _say("stopping services...", flush=True)
         for svc in reversed(services):
             if svc.alive:
                 svc.terminate()
         for server in reversed(servers):
             server.stop()
-        print("stopped", flush=True)
+        _say("stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -441,7 +441,10 @@ def render_status(st: dict[str, Any]) -> str:
         ("  length", str(r["stream_length"])),
         (f"  group {r['group']}", "present" if r["group_exists"] else "missing"),
         ("  pending", str(r["pending"])),
-        ("  oldest pending age", _age(r["oldest_pending_age_seconds"] if r["pending"] else None)),
+        (
+            "  held longest without renewal",
+            _age(r["oldest_pending_age_seconds"] if r["pending"] else None),
+        ),
         ("  lag", "n/a" if r["lag"] is None else str(r["lag"])),
         (f"Redis dead letters {r['dead_letter_stream']}", str(r["dead_letters"])),
     ]

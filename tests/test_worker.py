@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from devstack.postgres import PostgresServer
@@ -1186,6 +1187,19 @@ async def test_a_handler_that_ignores_its_timeout_on_its_last_attempt_is_given_u
     assert await pending_count(redis) == 0  # acknowledged
     row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
     assert row is not None and row["dead_lettered_at"] is not None
+
+
+async def test_a_handler_that_ignores_its_timeout_shows_in_a_gauge(
+    publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """Its entry is renewed like any running one, so no pending-age gauge sees it: the
+    overdue gauge does (the HandlerIgnoresTimeout alert), and drops when it gives way."""
+    await publish(1, task="stubborn")
+    worker = make_worker()
+    async with running(worker, rec):
+        await eventually(lambda: _is(REGISTRY.get_sample_value("worker_handlers_overdue") == 1))
+        rec.released = True
+        await eventually(lambda: _is(REGISTRY.get_sample_value("worker_handlers_overdue") == 0))
 
 
 async def test_a_held_orphan_runs_as_soon_as_the_last_live_handler_ends(

@@ -13,8 +13,9 @@ An orphan (an entry whose worker stopped with no outcome: it crashed, stalled pa
 visibility timeout, or restarted) runs alone: the worker takes one over, holds it while
 what it runs ends (starting no new read), runs it, and only then takes new work. The
 entry that killed its worker then kills no other entry with it: only its own delivery
-count grows, and past max_attempts it is dead-lettered, while the entries that were in
-flight beside it run, each alone, and complete.
+count grows, and past WORKER_MAX_CRASH_DELIVERIES deliveries (retries included; or
+max_attempts, if lower), the last run alone, it is dead-lettered, while the entries that
+were in flight beside it run, each alone, and complete.
 """
 
 from __future__ import annotations
@@ -211,8 +212,11 @@ class Worker:
                     for eid in deaf_ids:
                         give_up = self._last_attempts.pop(eid, None)
                         if give_up is not None and eid in self._timed_out:
+                            # Within the grace, as the rest of the stop (Postgres may be
+                            # what the handler hangs on); not done, it is handed back.
+                            left = max(STOP_FLOOR_SECONDS, deadline - time.monotonic())
                             with contextlib.suppress(Exception):
-                                await give_up()
+                                await asyncio.wait_for(give_up(), left)
                                 stuck.remove(eid)
         self._closing.set()
         self._ack_ready.set()
@@ -612,7 +616,8 @@ class Worker:
         timeout = route.timeout or s.task_timeout_seconds
         max_attempts = route.max_attempts or s.max_attempts
         if entry.killed_alone and entry.deliveries > min(max_attempts, s.max_crash_deliveries):
-            # More deliveries than attempts, the last of them run alone with no outcome: it
+            # More deliveries than the crash bound (retries included; max_attempts if
+            # lower), the last of them run alone with no outcome: it
             # took its worker down itself (a crash, the OOM killer, a blocked loop), which
             # the failure count below never sees. Running it again would take the next
             # worker down too. An orphan that has not yet run alone gets that run first:
@@ -715,7 +720,9 @@ class Worker:
                     self._handler_over(entry_id)
                 else:
                     soonest = min(soonest, deadline)
+            metrics.OVERDUE.set(len(self._timed_out))
             await asyncio.sleep(soonest - now)
+        metrics.OVERDUE.set(len(self._timed_out))
 
     async def _dead_letter(
         self,

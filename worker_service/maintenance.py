@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 async def refresh_gauges(queue: StreamQueue) -> dict[str, float]:
-    """A fixed handful of Redis calls, however long the stream is."""
+    """A handful of Redis calls, however long the stream is: four, and one per consumer
+    (up to STATS_PENDING_SCAN of its pending entries) for the oldest pending age."""
     stats = await queue.stats()
     metrics.STREAM_LENGTH.set(stats["stream_length"])
     metrics.PENDING.set(stats["pending"])

@@ -30,6 +30,11 @@ GROUP_LAG = Gauge(
 DEAD_LETTERS = Gauge("worker_dead_letters", "Entries in the dead-letter stream.")
 CONSUMERS = Gauge("worker_consumers", "Consumers in the group.")
 IN_FLIGHT = Gauge("worker_in_flight", "Tasks this process is running now.")
+OVERDUE = Gauge(
+    "worker_handlers_overdue",
+    "Handlers past their timeout, cancelled, that have not given way yet (one that stays"
+    " swallows its cancellation: it holds a slot until the worker stops).",
+)
 ORPHANS = Counter(
     "worker_orphans",
     "Entries taken over from a worker that stopped with no outcome (a crash, a stall past"
