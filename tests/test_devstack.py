@@ -100,26 +100,31 @@ async def test_a_closed_terminal_stops_the_whole_stack(workdir: Path) -> None:
     master, slave = pty.openpty()
     proc = start(workdir / "devstack-hup", ports, output=slave)
     os.close(slave)
-    drain = asyncio.create_task(asyncio.to_thread(_read_until_closed, master))
+    # What a terminal does with the output: read it (a full pty would block the writers),
+    # from the event loop, so that nothing holds the terminal open once it is closed.
+    os.set_blocking(master, False)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(master, _read_some, master)
     try:
         await asyncio.to_thread(wait_for_port, ports["api"], 60)
     finally:
-        os.close(master)  # the terminal goes away
+        loop.remove_reader(master)
+        os.close(master)  # the terminal goes away: from now on its writes fail with EIO
         proc.send_signal(signal.SIGHUP)
-        await asyncio.to_thread(proc.wait, 60)
-        await asyncio.gather(drain, return_exceptions=True)
+        try:
+            await asyncio.to_thread(proc.wait, 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 0
     for port in ports.values():
         with pytest.raises(TimeoutError, match="nothing listening"):
             await asyncio.to_thread(wait_for_port, port, 0.2)
 
 
-def _read_until_closed(fd: int) -> None:
-    """What a terminal does with the output: reads it (the child would block on a full
-    pty otherwise), until the terminal itself is closed."""
+def _read_some(fd: int) -> None:
     with contextlib.suppress(OSError):
-        while os.read(fd, 65536):
-            pass
+        os.read(fd, 65536)
 
 
 async def test_a_port_already_taken_stops_it_before_anything_starts(workdir: Path) -> None:

@@ -1193,10 +1193,11 @@ async def test_a_handler_that_ignores_its_timeout_shows_in_a_gauge(
     publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """Its entry is renewed like any running one, so no pending-age gauge sees it: the
-    overdue gauge does (the HandlerIgnoresTimeout alert), and drops when it gives way."""
+    overdue gauge does (the HandlerIgnoresItsTimeout alert), and drops when it gives way."""
     await publish(1, task="stubborn")
     worker = make_worker()
     async with running(worker, rec):
+        await eventually(lambda: _is(bool(worker._timed_out)))  # its timeout has fired
         await eventually(lambda: _is(REGISTRY.get_sample_value("worker_handlers_overdue") == 1))
         rec.released = True
         await eventually(lambda: _is(REGISTRY.get_sample_value("worker_handlers_overdue") == 0))

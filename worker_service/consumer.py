@@ -215,9 +215,19 @@ class Worker:
                             # Within the grace, as the rest of the stop (Postgres may be
                             # what the handler hangs on); not done, it is handed back.
                             left = max(STOP_FLOOR_SECONDS, deadline - time.monotonic())
-                            with contextlib.suppress(Exception):
+                            try:
                                 await asyncio.wait_for(give_up(), left)
-                                stuck.remove(eid)
+                            except TimeoutError:
+                                # Still under way (it is shielded): not handed back beside
+                                # it. Done or not, the entry is safe: dead-lettered and
+                                # acknowledged, or left pending for a takeover.
+                                pass
+                            except Exception:
+                                # Not recorded (Postgres or Redis refused): handed back with
+                                # the rest, pending as a failed dead-lettering leaves it.
+                                logger.exception("worker_give_up_failed", extra={"entry_id": eid})
+                                continue
+                            stuck.remove(eid)
         self._closing.set()
         self._ack_ready.set()
         _done, still = await asyncio.wait(
@@ -662,6 +672,7 @@ class Worker:
                 # The sweeper's cancellation, however the handler ended: take it back. A
                 # cancellation from elsewhere (the end of a shutdown's grace) still stands.
                 self._timed_out.discard(entry.id)
+                metrics.OVERDUE.set(len(self._timed_out))
                 timed_out = True
                 if task.uncancel() > 0:
                     raise asyncio.CancelledError
@@ -708,6 +719,12 @@ class Worker:
             self._sweeper = asyncio.create_task(self._sweep(), name="worker-timeouts")
 
     async def _sweep(self) -> None:
+        try:
+            await self._sweep_until_none_left()
+        finally:  # cancelled at a stop too
+            metrics.OVERDUE.set(len(self._timed_out))
+
+    async def _sweep_until_none_left(self) -> None:
         while self._deadlines:
             now = time.perf_counter()
             soonest = now + TIMEOUT_SWEEP_SECONDS
@@ -722,7 +739,6 @@ class Worker:
                     soonest = min(soonest, deadline)
             metrics.OVERDUE.set(len(self._timed_out))
             await asyncio.sleep(soonest - now)
-        metrics.OVERDUE.set(len(self._timed_out))
 
     async def _dead_letter(
         self,
