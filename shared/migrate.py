@@ -129,8 +129,8 @@ async def migrate(
     lock_attempts: int = LOCK_ATTEMPTS,
 ) -> list[int]:
     """Apply pending migrations; return the versions applied now."""
-    directory = directory or migrations_dir()
-    discover(directory)  # a directory with no migrations fails before any connection
+    # Before any connection: a directory with no migrations is a configuration error.
+    migrations = discover(directory or migrations_dir())
     conn = await _connect(dsn)
     applied_now: list[int] = []
     try:
@@ -161,7 +161,7 @@ async def migrate(
             r["version"]: r["checksum"]
             for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
         }
-        found = [(v, path, checksum(path)) for v, path in discover(directory)]
+        found = [(v, path, checksum(path)) for v, path in migrations]
         for version, path, sha in found:
             if done.get(version) not in (None, sha):
                 raise MigrationChanged(
