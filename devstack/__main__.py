@@ -88,15 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if "DATABASE_URL" not in env:
-            pg = PostgresServer(
-                data / "postgres", _port("DEV_PG_PORT", 55432), log=data / "postgres.log"
-            )
+            pg = PostgresServer(data / "postgres", ports["DEV_PG_PORT"], log=data / "postgres.log")
             _say(f"starting PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})", flush=True)
             pg.start()
             servers.append(pg)
             env["DATABASE_URL"] = pg.create_database("signup")
         if "REDIS_URL" not in env:
-            rs = RedisServer(data / "redis", _port("DEV_REDIS_PORT", 56379), log=data / "redis.log")
+            rs = RedisServer(data / "redis", ports["DEV_REDIS_PORT"], log=data / "redis.log")
             _say(
                 f"starting Redis on 127.0.0.1:{rs.port} (append-only file in {rs.data_dir})",
                 flush=True,
@@ -105,18 +103,18 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(rs)
             env["REDIS_URL"] = rs.url
         if "SMTP_URL" not in env:
-            sink = SmtpSink(data / "mail", _port("DEV_SMTP_PORT", 2525))
+            sink = SmtpSink(data / "mail", ports["DEV_SMTP_PORT"])
             sink.start()
             servers.append(sink)
             env["SMTP_URL"] = sink.url
-        api_port = int(env.setdefault("API_PORT", "8000"))
+        api_port = ports["API_PORT"]
+        env["API_PORT"] = str(api_port)
         env.setdefault("API_HOST", "127.0.0.1")
         env.setdefault("PUBLIC_BASE_URL", f"http://localhost:{api_port}")
         env.setdefault("METRICS_HOST", "127.0.0.1")
         asyncio.run(migrate(env["DATABASE_URL"]))
         metrics_ports = {
-            name: env.get(f"DEV_{name.upper()}_METRICS_PORT", str(default))
-            for name, default in (("relay", 9101), ("worker", 9102))
+            name: str(ports[f"DEV_{name.upper()}_METRICS_PORT"]) for name in ("relay", "worker")
         }
         for name in ("api", "relay", "worker"):
             child_env = dict(env)
