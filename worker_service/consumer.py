@@ -191,12 +191,8 @@ class Worker:
             )
             if pending:
                 stuck = [eid for eid, t in self._inflight.items() if t in pending]
-                # A delivery a shutdown cut short is no attempt: handed back uncounted.
-                # Not one its timeout had ended already: that attempt was made (uncounted,
-                # a handler that never gives way would run as attempt 1 for ever).
                 counts = {
-                    eid: self._deliveries.get(eid, 1) - (eid not in self._timed_out)
-                    for eid in stuck
+                    eid: self._count_at_stop(eid, self._deliveries.get(eid, 1)) for eid in stuck
                 }
                 logger.warning("worker_handlers_cancelled", extra={"entries": stuck})
                 for t in pending:
@@ -257,9 +253,9 @@ class Worker:
         if held_orphan is not None:
             back[held_orphan.id] = held_orphan.deliveries - 1
         if running_orphan is not None and running_orphan.id in stuck:
-            # Uncounted unless its timeout had ended the delivery (as for the rest above).
-            timed_out = running_orphan.id in self._timed_out
-            back[running_orphan.id] = running_orphan.deliveries - (not timed_out)
+            back[running_orphan.id] = self._count_at_stop(
+                running_orphan.id, running_orphan.deliveries
+            )
         with contextlib.suppress(Exception):
             await self.queue.hand_back_orphans(self.consumer, list(back), back)
         with contextlib.suppress(Exception):
@@ -300,6 +296,12 @@ class Worker:
         return len(entries)
 
     # -- loops -------------------------------------------------------------------------
+
+    def _count_at_stop(self, entry_id: str, deliveries: int) -> int:
+        """The delivery count an entry a stop cut short is handed back with. That delivery
+        was no attempt: one less. Not one its timeout had ended already: that attempt was
+        made (uncounted, a handler that never gives way would run as attempt 1 for ever)."""
+        return deliveries - (entry_id not in self._timed_out)
 
     async def _supervise(
         self, name: str, step: Callable[[], Awaitable[None]], until: asyncio.Event
@@ -719,12 +721,6 @@ class Worker:
             self._sweeper = asyncio.create_task(self._sweep(), name="worker-timeouts")
 
     async def _sweep(self) -> None:
-        try:
-            await self._sweep_until_none_left()
-        finally:  # cancelled at a stop too
-            metrics.OVERDUE.set(len(self._timed_out))
-
-    async def _sweep_until_none_left(self) -> None:
         while self._deadlines:
             now = time.perf_counter()
             soonest = now + TIMEOUT_SWEEP_SECONDS
@@ -733,11 +729,11 @@ class Worker:
                     continue  # cancelled already; its handler has yet to give way
                 if deadline <= now:
                     self._timed_out.add(entry_id)
+                    metrics.OVERDUE.set(len(self._timed_out))
                     task.cancel()
                     self._handler_over(entry_id)
                 else:
                     soonest = min(soonest, deadline)
-            metrics.OVERDUE.set(len(self._timed_out))
             await asyncio.sleep(soonest - now)
 
     async def _dead_letter(
