@@ -1007,6 +1007,33 @@ async def test_trim_keeps_everything_not_yet_acknowledged(
     assert stats["consumers"] == 2
 
 
+async def test_trim_survives_the_last_pending_entry_acked_between_its_reads(
+    redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
+) -> None:
+    """XINFO GROUPS says an entry is pending; it is acknowledged before XPENDING runs."""
+    await publish(3)
+    w = make_worker(read_count=1)
+    await w.setup()
+    q = w.queue
+    await w.run_once()  # the first done and acked
+    (entry,) = await q.read("other", 1, None)  # the second pending, the third never delivered
+    client: Any = redis
+    real_xinfo_groups = client.xinfo_groups
+
+    async def xinfo_then_ack(stream: str) -> Any:
+        groups = await real_xinfo_groups(stream)
+        await client.xack(STREAM, CONSUMER_GROUP, entry.id)  # the race, injected
+        return groups
+
+    client.xinfo_groups = xinfo_then_ack
+    try:
+        trimmed = await q.trim_acknowledged()
+    finally:
+        del client.xinfo_groups
+    assert trimmed == 1  # the first; the second, last delivered, is MINID's bound
+    assert await client.xlen(STREAM) == 2
+
+
 async def test_gone_consumers_holding_nothing_are_removed(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,

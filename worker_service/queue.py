@@ -367,7 +367,10 @@ class StreamQueue:
             bounds.append(_id_tuple(_sid(g["last-delivered-id"])))
             if int(g["pending"]):
                 summary = await self.redis.xpending(self.stream, _sid(g["name"]))
-                bounds.append(_id_tuple(_sid(summary["min"])))
+                # None if the group acknowledged its last pending entry since XINFO: its
+                # last-delivered-id, read before, is then the bound.
+                if summary["min"] is not None:
+                    bounds.append(_id_tuple(_sid(summary["min"])))
         ms, seq = min(bounds)
         if (ms, seq) == (0, 0):
             return 0
