@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1188,6 +1190,30 @@ async def test_a_stop_keeps_its_grace_when_a_handler_ignores_cancellation(
     rec.released = True
     await stopping
     assert done, f"stop(grace=1) still running after 8 s (took {time.monotonic() - t0:.1f})"
+
+
+async def test_a_stop_keeps_its_grace_when_redis_hangs(
+    redis_server: RedisServer, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """Redis stops answering (here SIGSTOPped) while an entry still runs at a stop: handing
+    it back must not wait out the socket timeout (10 s) call after call. Left pending, it
+    is taken over after the visibility timeout."""
+    await publish(1)
+    rec.sleep_for = {"0": 60.0}
+    worker = make_worker()
+    await worker.start()
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    try:
+        await eventually(lambda: _is(rec.running == 1))
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await worker.stop(grace=1)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # 1 s of grace, then at most 1 s for the loops and the floor (0.5 s) for each step.
+    assert took < 1 + 1 + 3 * 0.5 + 1, f"stop(grace=1) took {took:.1f} s"
 
 
 async def test_a_handler_that_ignores_its_timeout_on_its_last_attempt_is_given_up_at_stop(

@@ -256,19 +256,32 @@ class Worker:
             back[running_orphan.id] = self._count_at_stop(
                 running_orphan.id, running_orphan.deliveries
             )
-        with contextlib.suppress(Exception):
-            await self.queue.hand_back_orphans(self.consumer, list(back), back)
-        with contextlib.suppress(Exception):
-            await self.queue.park_for_retry(
-                self.consumer,
-                [i for i in stuck if i not in back],
-                due_now=True,
-                deliveries=counts,
+
+        async def hand_back() -> None:
+            with contextlib.suppress(Exception):
+                await self.queue.hand_back_orphans(self.consumer, list(back), back)
+            with contextlib.suppress(Exception):
+                await self.queue.park_for_retry(
+                    self.consumer,
+                    [i for i in stuck if i not in back],
+                    due_now=True,
+                    deliveries=counts,
+                )
+            with contextlib.suppress(Exception):
+                # Handed back uncounted, a delivery's count comes round again: the mark of
+                # an orphan cut short (its timeout may have ended its isolation) must not
+                # match it.
+                await self.queue.clear_alone_marks(stuck)
+
+        # Within the grace: with Redis hanging each call would wait out the socket timeout.
+        # Not handed back, the entries stay pending here and are taken over after the
+        # visibility timeout instead of at once.
+        try:
+            await asyncio.wait_for(
+                hand_back(), max(STOP_FLOOR_SECONDS, deadline - time.monotonic())
             )
-        with contextlib.suppress(Exception):
-            # Handed back uncounted, a delivery's count comes round again: the mark of an
-            # orphan cut short (its timeout may have ended its isolation) must not match it.
-            await self.queue.clear_alone_marks(stuck)
+        except TimeoutError:
+            logger.warning("worker_hand_back_timed_out", extra={"entries": len(stuck)})
         await self._shutdown_app()
         logger.info("worker_stopped", extra={"consumer": self.consumer})
 
