@@ -317,15 +317,38 @@ async def _iter_selected(
             yield found
 
 
-def _confirm(question: str, assume_yes: bool) -> None:
+async def _confirm(question: str, assume_yes: bool) -> None:
     if assume_yes:
         return
     stdin = sys.stdin
     if stdin is None or not stdin.isatty():
         raise CtlError(f"{question}: not confirmed (stdin is not a terminal); pass --yes", code=2)
     print(f"{question}? [y/N] ", end="", file=sys.stderr, flush=True)
+    await _line_ready(stdin)
     if stdin.readline().strip().lower() not in ("y", "yes"):
         raise CtlError("aborted; nothing changed", code=1)
+
+
+async def _line_ready(stream: Any) -> None:
+    """Until the terminal has a line (or end of input) to read. A readline() blocking the
+    event loop would not see the first Ctrl-C: asyncio takes it to cancel the main task,
+    which cannot run until a line comes."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a file (io.UnsupportedOperation is both)
+        return
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _progress(total: int, quiet: bool, desc: str) -> Any:
@@ -750,7 +773,7 @@ async def cmd_dead_replay(session: Session, args: argparse.Namespace) -> int:
             print(f"no dead letters match ({sel.describe()})")
             return 0
         if not args.dry_run:
-            _confirm(f"replay {total} dead letter(s) ({sel.describe()})", args.yes)
+            await _confirm(f"replay {total} dead letter(s) ({sel.describe()})", args.yes)
     else:
         total = len(sel.ids)
     pool = None if args.dry_run else await session.pool()
@@ -870,7 +893,7 @@ async def cmd_dead_purge(session: Session, args: argparse.Namespace) -> int:
         print(f"no dead letters match ({sel.describe()})")
         return 0
     if not args.dry_run:
-        _confirm(f"purge {total} dead letter(s) ({sel.describe()})", args.yes)
+        await _confirm(f"purge {total} dead letter(s) ({sel.describe()})", args.yes)
     bar = _progress(total, args.quiet, "purge")
     batch: list[DeadLetter] = []
 

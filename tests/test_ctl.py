@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import pty
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -579,6 +581,63 @@ async def test_replay_by_task_asks_on_a_terminal(
     assert "replay 2 dead letter(s) (task=t)? [y/N]" in out.err
     assert out.out.strip() == "replayed 2, skipped 0, failed 0"  # --quiet: no per-item lines
     assert sorted(await pipe.dead_ids()) == sorted([ids["u0"], ids["garbage"], ids["no_envelope"]])
+
+
+def _prompted_replay(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    """`outboxctl dead replay --task t` on a terminal (a pty), once it asks [y/N]; the pty's
+    master end is returned to answer through."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.ctl", "dead", "replay", "--task", "t", "--quiet"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        cwd=ROOT,
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    assert proc.stderr is not None
+    seen = b""
+    while b"[y/N]" not in seen:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"ended before asking: {seen!r}"
+        seen += chunk
+    return proc, master
+
+
+async def test_ctrl_c_at_the_prompt_interrupts_at_once(
+    pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
+) -> None:
+    """The first Ctrl-C at [y/N] ends the command (a readline blocking the event loop let
+    asyncio take it to cancel a task that could not run: it did nothing). An answer typed
+    on the terminal is still read."""
+    await pipe.make_dead_letters()
+    env = {"DATABASE_URL": pg_server.dsn, "REDIS_URL": redis_server.url}
+    proc, master = await asyncio.to_thread(_prompted_replay, env)
+    try:
+        proc.send_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
+        try:
+            code = await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("still waiting for an answer 10 s after Ctrl-C") from None
+    finally:
+        os.close(master)
+    assert proc.stderr is not None
+    assert code == 130
+    assert "interrupted" in proc.stderr.read().decode()
+    assert len(await pipe.dead_ids()) == 5
+
+    proc, master = await asyncio.to_thread(_prompted_replay, env)
+    try:
+        os.write(master, b"y\n")
+        code = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        os.close(master)
+    assert proc.stdout is not None
+    assert code == 0
+    assert proc.stdout.read().decode().strip() == "replayed 2, skipped 0, failed 0"
+    assert len(await pipe.dead_ids()) == 3
 
 
 async def test_replay_ids_counts_missing_as_failed_and_skips_garbage(
