@@ -1242,6 +1242,30 @@ async def test_a_handler_that_ignores_its_timeout_on_its_last_attempt_is_given_u
     assert row is not None and row["dead_lettered_at"] is not None
 
 
+async def test_a_stop_gives_up_on_a_deaf_last_attempt_within_its_grace_when_redis_hangs(
+    redis_server: RedisServer, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """The stop's dead-lettering of a handler that ignores its timeout on its last attempt
+    keeps to the grace too: with Redis not answering it would wait out the socket timeout.
+    Its entry stays pending (dead-lettered when Redis answers, or taken over)."""
+    await publish(1, task="stubborn")
+    worker = make_worker(max_attempts=1)
+    await worker.start()
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    try:
+        await eventually(lambda: _is(bool(worker._timed_out)))
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await worker.stop(grace=1)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        rec.released = True
+    # 1 s of grace, at most 1 s for the loops, and the floor (0.5 s) for each later step.
+    assert took < 1 + 1 + 4 * 0.5 + 1, f"stop(grace=1) took {took:.1f} s"
+
+
 async def test_a_handler_that_ignores_its_timeout_shows_in_a_gauge(
     publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
