@@ -309,6 +309,24 @@ async def test_list_and_purge_a_stream_longer_than_a_page(
     assert await pipe.redis.xlen(DEAD) == 0
 
 
+async def test_a_bulk_purge_shows_progress_while_it_counts_and_purges(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal, the count before the confirmation (seconds for a long stream) has a
+    progress bar of its own, as the purge after it has."""
+    async with pipe.redis.pipeline(transaction=False) as p:
+        for i in range(1234):
+            p.xadd(DEAD, {"reason": "bulk", "task_type": "t", "error": f"e{i}", "attempts": "1"})
+        await p.execute()
+    err = FakeTty()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert await ctl("dead", "purge", "--all", "--yes") == 0
+    shown = err.getvalue()
+    assert re.search(r"counting: +\d+%.*/1234", shown), shown
+    assert re.search(r"purge: +\d+%.*/1234", shown), shown
+    assert await pipe.redis.xlen(DEAD) == 0
+
+
 async def test_a_listing_piped_into_head_ends_quietly(
     pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
 ) -> None:
