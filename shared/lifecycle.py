@@ -10,16 +10,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import Counter
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LOOP_ERRORS = Counter("loop_errors_total", "Iterations of a background loop that raised.", ["loop"])
 
@@ -28,6 +31,24 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter for the n-th consecutive failure (n >= 1)."""
     exp = min(cap, base * (2 ** min(attempt - 1, 32)))
     return random.uniform(exp / 2, exp)
+
+
+async def finish_anyway(aw: Coroutine[Any, Any, T], failed_late: str) -> T:
+    """Await `aw` in a task that the caller's cancellation does not stop (asyncio.shield):
+    a write begun is finished. If the caller is cancelled first and the write then fails,
+    the failure is logged as `failed_late`; asyncio would report it only as a task
+    exception never retrieved, with no event name to alert on."""
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(functools.partial(_log_late_failure, failed_late))
+        raise
+
+
+def _log_late_failure(event: str, task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error(event, exc_info=error)
 
 
 def cancel_requested() -> bool:

@@ -7,6 +7,7 @@ send and its commit; they are counted and reported.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ from devstack.smtp_sink import SmtpSink
 from devstack.stack import Stack
 from shared.connections import close_pool, create_pool
 from shared.constants import CONSUMER_GROUP, stream_key
-from shared.lifecycle import STOP_FLOOR_SECONDS, Loop, stop_within
+from shared.lifecycle import STOP_FLOOR_SECONDS, Loop, finish_anyway, stop_within
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.fault
@@ -438,6 +439,30 @@ async def test_a_failing_loop_backs_off_whatever_wakes_it_but_stops_at_once() ->
     t = time.monotonic()
     await loop.stop(grace=5)
     assert time.monotonic() - t < 0.2
+
+
+async def test_a_write_that_fails_after_its_caller_was_cancelled_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop cancels a worker step in the middle of a write (an ack, a dead-lettering):
+    the write goes on, and if Redis then refuses it, the log says so under a name (with
+    a bare asyncio.shield only asyncio's "exception was never retrieved", at best)."""
+    release = asyncio.Event()
+
+    async def write() -> None:
+        await release.wait()
+        raise ConnectionError("Redis went away")
+
+    caller = asyncio.create_task(finish_anyway(write(), "write_failed_after_cancel"))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    release.set()
+    await asyncio.sleep(0.01)
+    (logged,) = [r for r in caplog.records if r.getMessage() == "write_failed_after_cancel"]
+    assert logged.levelno == logging.ERROR
+    assert logged.exc_info is not None and "Redis went away" in str(logged.exc_info[1])
 
 
 async def test_a_pool_whose_server_went_silent_closes_within_the_time_given(

@@ -988,15 +988,23 @@ async def test_worker_recreates_a_group_redis_lost(
         await eventually(lambda: _is(len(rec.calls) == 3))
 
 
+async def acked_then_pending(
+    publish: Any, make_worker: MakeWorker, published: int, acked: int, pending: int
+) -> tuple[StreamQueue, list[Entry]]:
+    """`published` entries: the first `acked` run and acknowledged by a worker, the next
+    `pending` delivered to consumer "other" and left unacknowledged."""
+    await publish(published)
+    w = make_worker(read_count=acked)
+    await w.setup()
+    await w.run_once()
+    return w.queue, await w.queue.read("other", pending, None)
+
+
 async def test_trim_keeps_everything_not_yet_acknowledged(
     redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
-    await publish(10)
-    w = make_worker(read_count=6)
-    await w.setup()
-    q = w.queue
-    await w.run_once()  # 6 done and acked
-    pending_ids = [e.id for e in await q.read("other", 2, None)]  # 2 delivered, unacked
+    q, delivered = await acked_then_pending(publish, make_worker, 10, acked=6, pending=2)
+    pending_ids = [e.id for e in delivered]
     trimmed = await q.trim_acknowledged()
     assert trimmed == 6
     client: Any = redis
@@ -1013,12 +1021,8 @@ async def test_trim_survives_the_last_pending_entry_acked_between_its_reads(
     redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
     """XINFO GROUPS says an entry is pending; it is acknowledged before XPENDING runs."""
-    await publish(3)
-    w = make_worker(read_count=1)
-    await w.setup()
-    q = w.queue
-    await w.run_once()  # the first done and acked
-    (entry,) = await q.read("other", 1, None)  # the second pending, the third never delivered
+    # The first acked, the second pending, the third never delivered.
+    q, (entry,) = await acked_then_pending(publish, make_worker, 3, acked=1, pending=1)
     client: Any = redis
     real_xinfo_groups = client.xinfo_groups
 
@@ -1192,28 +1196,39 @@ async def test_a_stop_keeps_its_grace_when_a_handler_ignores_cancellation(
     assert done, f"stop(grace=1) still running after 8 s (took {time.monotonic() - t0:.1f})"
 
 
+async def stop_with_redis_stopped(
+    worker: Worker, redis_server: RedisServer, ready: Callable[[], Awaitable[bool]]
+) -> float:
+    """Once `ready`, Redis stops answering (SIGSTOP: a partition, a stuck fsync) and the
+    worker stops with 1 s of grace; the seconds the stop took."""
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    await eventually(ready)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        await worker.stop(grace=1)
+        return time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+# 1 s of grace, at most 1 s for the loops, and the floor (0.5 s) for each later step.
+STOP_WITH_REDIS_STOPPED_WITHIN = 1 + 1 + 4 * 0.5 + 1
+
+
 async def test_a_stop_keeps_its_grace_when_redis_hangs(
     redis_server: RedisServer, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
-    """Redis stops answering (here SIGSTOPped) while an entry still runs at a stop: handing
-    it back must not wait out the socket timeout (10 s) call after call. Left pending, it
-    is taken over after the visibility timeout."""
+    """An entry still runs at the stop: handing it back must not wait out the socket
+    timeout (10 s) call after call. Left pending, it is taken over after the visibility
+    timeout."""
     await publish(1)
     rec.sleep_for = {"0": 60.0}
     worker = make_worker()
     await worker.start()
-    assert redis_server.proc is not None
-    pid = redis_server.proc.pid
-    try:
-        await eventually(lambda: _is(rec.running == 1))
-        os.kill(pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        await worker.stop(grace=1)
-        took = time.monotonic() - t0
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    # 1 s of grace, then at most 1 s for the loops and the floor (0.5 s) for each step.
-    assert took < 1 + 1 + 3 * 0.5 + 1, f"stop(grace=1) took {took:.1f} s"
+    took = await stop_with_redis_stopped(worker, redis_server, lambda: _is(rec.running == 1))
+    assert took < STOP_WITH_REDIS_STOPPED_WITHIN, f"stop(grace=1) took {took:.1f} s"
 
 
 async def test_a_handler_that_ignores_its_timeout_on_its_last_attempt_is_given_up_at_stop(
@@ -1246,24 +1261,18 @@ async def test_a_stop_gives_up_on_a_deaf_last_attempt_within_its_grace_when_redi
     redis_server: RedisServer, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
     """The stop's dead-lettering of a handler that ignores its timeout on its last attempt
-    keeps to the grace too: with Redis not answering it would wait out the socket timeout.
-    Its entry stays pending (dead-lettered when Redis answers, or taken over)."""
+    keeps to the grace too. Its entry stays pending (dead-lettered when Redis answers, or
+    taken over)."""
     await publish(1, task="stubborn")
     worker = make_worker(max_attempts=1)
     await worker.start()
-    assert redis_server.proc is not None
-    pid = redis_server.proc.pid
     try:
-        await eventually(lambda: _is(bool(worker._timed_out)))
-        os.kill(pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        await worker.stop(grace=1)
-        took = time.monotonic() - t0
+        took = await stop_with_redis_stopped(
+            worker, redis_server, lambda: _is(bool(worker._timed_out))
+        )
     finally:
-        os.kill(pid, signal.SIGCONT)
         rec.released = True
-    # 1 s of grace, at most 1 s for the loops, and the floor (0.5 s) for each later step.
-    assert took < 1 + 1 + 4 * 0.5 + 1, f"stop(grace=1) took {took:.1f} s"
+    assert took < STOP_WITH_REDIS_STOPPED_WITHIN, f"stop(grace=1) took {took:.1f} s"
 
 
 async def test_a_handler_that_ignores_its_timeout_shows_in_a_gauge(

@@ -38,7 +38,13 @@ from shared.autopipeline import AutoPipelineRedis
 from shared.constants import RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
 from shared.errors import EnvelopeError, PermanentError
-from shared.lifecycle import LOOP_ERRORS, STOP_FLOOR_SECONDS, backoff_delay, cancel_requested
+from shared.lifecycle import (
+    LOOP_ERRORS,
+    STOP_FLOOR_SECONDS,
+    backoff_delay,
+    cancel_requested,
+    finish_anyway,
+)
 from shared.logs import request_id_var
 from shared.outbox import dead_letter_error
 from worker_service import metrics
@@ -237,7 +243,7 @@ class Worker:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         try:
             await asyncio.wait_for(
-                asyncio.shield(self._flush_acks()),
+                finish_anyway(self._flush_acks(), "worker_ack_failed_after_cancel"),
                 max(STOP_FLOOR_SECONDS, deadline - time.monotonic()),
             )
         except Exception:
@@ -425,7 +431,7 @@ class Worker:
         # Only the acknowledgement waits; the work is done and measured already.
         if len(self._acks) < ACK_BATCH and not self._closing.is_set():
             await asyncio.sleep(ACK_LINGER_SECONDS)
-        await asyncio.shield(self._flush_acks())
+        await finish_anyway(self._flush_acks(), "worker_ack_failed_after_cancel")
 
     async def _heartbeat_step(self) -> None:
         await self._pause(self.settings.heartbeat_interval, self._closing)
@@ -711,7 +717,9 @@ class Worker:
         if entry.deliveries >= max_attempts:
             await self._dead_letter(entry, envelope, route, "max_attempts", error)
             return
-        await asyncio.shield(self.queue.park_for_retry(self.consumer, [entry.id]))
+        await finish_anyway(
+            self.queue.park_for_retry(self.consumer, [entry.id]), "worker_retry_failed_after_cancel"
+        )
         m.retried.inc()
         logger.warning(
             "task_failed_will_retry",
@@ -774,7 +782,7 @@ class Worker:
                 entry, reason=reason, error=error, event_id=event_id, task_type=task_type
             )
 
-        await asyncio.shield(record())
+        await finish_anyway(record(), "worker_dead_letter_failed_after_cancel")
         metrics.for_task(route.task_type if route else "unroutable").dead_lettered.inc()
         logger.error(
             "task_dead_lettered",
