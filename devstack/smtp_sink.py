@@ -32,7 +32,8 @@ class MaildirHandler:
         # The same for MAIL FROM and RCPT TO.
         self.fail_mail_with = ""
         self.fail_rcpt_with = ""
-        self.delay_seconds = 0.0
+        self.delay_seconds = 0.0  # before answering DATA (the message is stored after it)
+        self.quit_delay_seconds = 0.0  # before answering QUIT
         self.received = 0
         self._lock = threading.Lock()
 
@@ -63,6 +64,11 @@ class MaildirHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.quit_delay_seconds:
+            await asyncio.sleep(self.quit_delay_seconds)
+        return "221 Bye"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay_seconds:

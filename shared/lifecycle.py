@@ -46,6 +46,23 @@ async def finish_anyway(aw: Coroutine[Any, Any, T], failed_late: str) -> T:
         raise
 
 
+async def finish_then_cancel(aw: Coroutine[Any, Any, T]) -> T:
+    """Run `aw` to its end even if the caller is cancelled meanwhile, then let the
+    cancellation take effect: for a step that must not be cut in the middle (an email the
+    SMTP server may have taken is recorded before anything else). The caller's
+    cancellation waits for as long as `aw` takes: bound it."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])  # unlike awaiting it, a cancellation here spares it
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError() from (None if task.cancelled() else task.exception())
+    return task.result()
+
+
 def _log_late_failure(event: str, task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and (error := task.exception()) is not None:
         logger.error(event, exc_info=error)

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from devstack.postgres import PostgresServer
 from devstack.procs import free_port, wait_for_port
+from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
+from worker_service.settings import WorkerSettings
 
 LINK = re.compile(r"https?://\S+/v1/verify_email\?\S+")
 
@@ -74,3 +77,19 @@ def signup_body(i: int | str, **overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSettings:
+    """A worker's settings against the test servers, its waits and backoffs short."""
+    base: dict[str, Any] = {
+        "database_url": pg.dsn,
+        "redis_url": rs.url,
+        "consumer_name": "w1",
+        "retry_backoff_base_seconds": 0.05,
+        "retry_backoff_max_seconds": 0.2,
+        "max_attempts": 3,
+        "reclaim_interval_seconds": 0.05,
+        "block_ms": 100,
+    }
+    base.update(kw)
+    return WorkerSettings(**base)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
@@ -14,15 +14,21 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from devstack.postgres import PostgresServer
+from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
+from relay.publisher import RelayLoop
+from relay.settings import RelaySettings
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from shared.envelope import Envelope
 from shared.errors import ConfigError, PermanentError, RetryableError
+from shared.outbox import enqueue
 from shared.verification import hash_code
-from tests.helpers import link_params, text_part, verify_link
+from tests.helpers import eventually, link_params, text_part, verify_link, worker_settings
 from worker_service import app as verify_app
+from worker_service.consumer import Worker
 from worker_service.mailer import Mailer, SmtpConfig
-from worker_service.router import TaskContext
+from worker_service.router import Router, TaskContext
 
 
 @pytest.fixture
@@ -163,8 +169,10 @@ async def test_a_send_whose_outcome_was_lost_is_sent_again_with_a_new_link_and_m
     keep only the first email, whose link no longer works."""
 
     class ReplyLost(Mailer):
-        async def send(self, message: EmailMessage) -> None:
-            await super().send(message)
+        async def send(
+            self, message: EmailMessage, then: Callable[[], Awaitable[None]] | None = None
+        ) -> None:
+            await super().send(message)  # taken, and its record never made
             raise ConnectionResetError("connection reset after DATA")
 
     await add_user(pool)
@@ -464,3 +472,114 @@ async def test_refusals_of_the_connection_tls_or_login_are_retried(
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- a cancellation while the server takes the message --------------------------------------
+
+
+def verify_router(timeout: float) -> Router:
+    """The default app's handler, its timeout (60 s) shortened."""
+    router = Router()
+    router.on_startup(verify_app._startup)
+    router.handler(TASK_SEND_VERIFY_EMAIL, timeout=timeout)(verify_app.send_verify_email)
+    return router
+
+
+@pytest.fixture
+async def signup_event(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+    state: dict[str, Any],
+) -> str:
+    """alice signs up; her event is on the stream. Its id."""
+    await add_user(pool)
+    async with pool.acquire() as conn, conn.transaction():
+        event_id = str(await enqueue(conn, TASK_SEND_VERIFY_EMAIL, {"username": "alice"}))
+    relay = RelayLoop(
+        pool, redis, RelaySettings(database_url=pg_server.dsn, redis_url=redis_server.url)
+    )
+    while await relay.run_once():
+        pass
+    return event_id
+
+
+@pytest.fixture
+def make_verify_worker(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    pg_server: PostgresServer,
+    redis_server: RedisServer,
+) -> Callable[..., Worker]:
+    def make(router: Router = verify_app.router, name: str = "w1") -> Worker:
+        settings = worker_settings(pg_server, redis_server, consumer_name=name)
+        return Worker(router, pool, redis, settings)
+
+    return make
+
+
+async def one_recorded_email(pool: asyncpg.Pool[Any], smtp_sink: SmtpSink, event_id: str) -> None:
+    async def completed() -> bool:
+        done = await pool.fetchval(
+            "SELECT completed_at IS NOT NULL FROM outbox WHERE event_id = $1", event_id
+        )
+        return bool(done)
+
+    await eventually(completed, timeout=20)
+    (msg,) = smtp_sink.messages()
+    params = link_params(verify_link(msg))
+    row = await pool.fetchrow("SELECT * FROM verify_emails WHERE id = $1", int(params["email_id"]))
+    assert row is not None and row["sent_at"] is not None  # its link is the one that works
+    assert bytes(row["secret_code_hash"]) == hash_code(params["secret_code"])
+
+
+@pytest.mark.parametrize("slow", ["DATA", "QUIT"])
+async def test_a_timeout_while_the_server_takes_the_message_sends_one_email(
+    slow: str,
+    pool: asyncpg.Pool[Any],
+    smtp_sink: SmtpSink,
+    signup_event: str,
+    make_verify_worker: Callable[..., Worker],
+) -> None:
+    """The handler's timeout (here 1 s) fires while the server answers DATA (it may have
+    taken the message) or QUIT (it has): the send is recorded before the cancellation
+    takes effect, and the retry finds it sent. Cancelled there, each attempt sent an
+    email no one recorded, whose link did not work, and the event ended dead-lettered."""
+    if slow == "DATA":
+        smtp_sink.handler.delay_seconds = 2.0
+    else:
+        smtp_sink.handler.quit_delay_seconds = 2.0
+    worker = make_verify_worker(verify_router(timeout=1))
+    await worker.start()
+    try:
+        await one_recorded_email(pool, smtp_sink, signup_event)
+    finally:
+        await worker.stop()
+
+
+async def test_a_stop_while_the_server_answers_quit_sends_one_email(
+    pool: asyncpg.Pool[Any],
+    smtp_sink: SmtpSink,
+    signup_event: str,
+    make_verify_worker: Callable[..., Worker],
+) -> None:
+    """A rolling restart's SIGTERM while a server that took the message is slow to answer
+    QUIT: the next worker finds the send recorded (it sent a second email, and the first
+    one's link did not work)."""
+    smtp_sink.handler.quit_delay_seconds = 3.0
+    first = make_verify_worker()
+    await first.start()
+
+    async def taken() -> bool:
+        return len(smtp_sink.messages()) == 1
+
+    await eventually(taken, timeout=10)
+    await first.stop(grace=0.5)
+    smtp_sink.handler.quit_delay_seconds = 0.0
+    second = make_verify_worker(name="w2")
+    await second.start()
+    try:
+        await one_recorded_email(pool, smtp_sink, signup_event)
+    finally:
+        await second.stop()

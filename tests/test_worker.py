@@ -32,13 +32,12 @@ from shared.constants import (
 )
 from shared.errors import PermanentError
 from shared.outbox import enqueue
-from tests.helpers import eventually
+from tests.helpers import eventually, worker_settings
 from worker_service import consumer as consumer_mod
 from worker_service.consumer import Worker
 from worker_service.maintenance import refresh_gauges, remove_gone_consumers
 from worker_service.queue import Entry, StreamQueue
 from worker_service.router import Router, TaskContext
-from worker_service.settings import WorkerSettings
 
 STREAM = stream_key()
 DEAD = dead_letter_key()
@@ -153,21 +152,6 @@ async def delivered_to(redis: aioredis.Redis, consumer: str, n: int) -> list[Ent
     q = StreamQueue(redis, "default")
     await q.ensure_group()
     return await q.read(consumer, n, None)
-
-
-def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSettings:
-    base: dict[str, Any] = {
-        "database_url": pg.dsn,
-        "redis_url": rs.url,
-        "consumer_name": "w1",
-        "retry_backoff_base_seconds": 0.05,
-        "retry_backoff_max_seconds": 0.2,
-        "max_attempts": 3,
-        "reclaim_interval_seconds": 0.05,
-        "block_ms": 100,
-    }
-    base.update(kw)
-    return WorkerSettings(**base)
 
 
 @pytest.fixture

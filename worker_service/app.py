@@ -5,9 +5,11 @@ Run with `python -m worker_service --app worker_service.app:router`.
 The handler is idempotent. Its effect record is the verify_emails row keyed by the event
 id: a delivery inserts it (or finds it) and locks it, so two deliveries of one event at the
 same moment serialise on Postgres; the one that comes second finds `sent_at` set and does
-nothing. The mail is sent while the row is locked and `sent_at` commits right after, so a
-second email can only come from a crash between the SMTP send and that commit; that one
-carries a new link, which works, and a new Message-ID. A worker sends at most DB_POOL_SIZE
+nothing. The mail is sent while the row is locked and `sent_at` commits right after the
+server's answer to DATA, before QUIT; a cancellation in between (the handler's timeout, a
+stop) waits for that commit. So a second email can only come from a crash (or a reply lost)
+between the SMTP send and that commit; that one carries a new link, which works, and a new
+Message-ID. A worker sends at most DB_POOL_SIZE
 emails at once: each send holds its connection.
 """
 
@@ -21,11 +23,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 import asyncpg
+from asyncpg.transaction import Transaction
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import settings as settings_mod
 from shared.addresses import ascii_address
+from shared.connections import DbConn
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from shared.errors import PermanentError, RetryableError
 from shared.settings import HttpUrl, SmtpUrl
@@ -116,78 +120,98 @@ async def send_verify_email(ctx: TaskContext) -> None:
     username = ctx.payload.get("username")
     if not isinstance(username, str):
         raise PermanentError("payload has no username")
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        # One send at a time per account (the signup's email and a resend both retried when
-        # the SMTP server comes back): each sees the one before it, committed, and ends its
-        # link below, so only the last email's link works. An advisory lock, not a row lock
-        # on users, so that nothing else waits on it. A send that waits longer than
-        # _SEND_LOCK_WAIT_MS gives its connection back and is retried.
-        await conn.execute(f"SET LOCAL lock_timeout = {int(_SEND_LOCK_WAIT_MS)}")
+    async with ctx.pool.acquire() as conn:
+        # Committed by the send's record, before QUIT (Mailer.send); rolled back otherwise.
+        tx = conn.transaction()
+        await tx.start()
         try:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _SEND_LOCK, username
-            )
-        except asyncpg.LockNotAvailableError:
-            raise RetryableError("another email to this account is being sent") from None
-        await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
-        # Read under the lock: a person who verified through the email sent while this
-        # delivery waited gets no other. (The INSERT below takes a key-share lock on the
-        # user's row, for its foreign key: an ALTER TABLE users waits for the send;
-        # migrations give up such a wait after a few seconds and try again.)
-        user = await conn.fetchrow(
-            "SELECT full_name, email, is_email_verified FROM users WHERE username = $1",
-            username,
-        )
-        if user is None:
-            raise PermanentError("user does not exist")
-        if user["is_email_verified"]:
-            # Verified through an earlier email while this one (a resend) waited.
-            logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
-            return
-        code = new_code()
-        ttl_seconds = cfg.verify_ttl_minutes * 60  # make_interval(mins =>) takes whole minutes
-        await conn.execute(
-            """
-            INSERT INTO verify_emails (username, email, secret_code_hash, event_id, expires_at)
-            VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
-            ON CONFLICT (event_id) DO NOTHING
-            """,
-            username,
-            user["email"],
-            hash_code(code),
-            ctx.event_id,
-            ttl_seconds,
-        )
-        # Blocks while another delivery of this event holds the row.
-        row = await conn.fetchrow(
-            "SELECT id, sent_at FROM verify_emails WHERE event_id = $1 FOR UPDATE", ctx.event_id
-        )
-        assert row is not None
-        if row["sent_at"] is not None:
-            logger.info("verify_email_already_sent", extra={"event_id": ctx.event_id})
-            return
-        # Not sent: then it is the row this transaction inserted, with this code (a row
-        # commits only with its sent_at; an attempt that failed left nothing behind).
-        link = (
-            cfg.public_base_url.rstrip("/")
-            + "/v1/verify_email?"
-            + urlencode({"email_id": row["id"], "secret_code": code})
-        )
-        # SMTP without SMTPUTF8 takes ASCII only: an internationalized domain (kept in
-        # Unicode) goes in its IDNA form; a mailbox name beyond ASCII, which the API refuses
-        # now but a row from before may hold, cannot be sent at all.
-        to = ascii_address(user["email"])
-        if to is None:
-            raise PermanentError("the address needs SMTPUTF8, which is not supported")
-        message = build_message(
-            cfg,
-            to=to,
-            full_name=user["full_name"],
-            link=link,
-            message_id=row["id"],
-            event_id=ctx.event_id,
-        )
-        await mailer.send(message)
+            email_id = await _send_in(tx, conn, ctx, cfg, mailer, username)
+        finally:
+            if conn.is_in_transaction():
+                await tx.rollback()
+    if email_id is not None:
+        logger.info("verify_email_sent", extra={"event_id": ctx.event_id, "email_id": email_id})
+
+
+async def _send_in(
+    tx: Transaction,
+    conn: DbConn,
+    ctx: TaskContext,
+    cfg: VerifyEmailSettings,
+    mailer: Mailer,
+    username: str,
+) -> int | None:
+    """The send, in transaction `tx`; the email's id, or None if none was needed."""
+    # One send at a time per account (the signup's email and a resend both retried when
+    # the SMTP server comes back): each sees the one before it, committed, and ends its
+    # link below, so only the last email's link works. An advisory lock, not a row lock
+    # on users, so that nothing else waits on it. A send that waits longer than
+    # _SEND_LOCK_WAIT_MS gives its connection back and is retried.
+    await conn.execute(f"SET LOCAL lock_timeout = {int(_SEND_LOCK_WAIT_MS)}")
+    try:
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _SEND_LOCK, username)
+    except asyncpg.LockNotAvailableError:
+        raise RetryableError("another email to this account is being sent") from None
+    await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+    # Read under the lock: a person who verified through the email sent while this
+    # delivery waited gets no other. (The INSERT below takes a key-share lock on the
+    # user's row, for its foreign key: an ALTER TABLE users waits for the send;
+    # migrations give up such a wait after a few seconds and try again.)
+    user = await conn.fetchrow(
+        "SELECT full_name, email, is_email_verified FROM users WHERE username = $1",
+        username,
+    )
+    if user is None:
+        raise PermanentError("user does not exist")
+    if user["is_email_verified"]:
+        # Verified through an earlier email while this one (a resend) waited.
+        logger.info("verify_email_not_needed", extra={"event_id": ctx.event_id})
+        return None
+    code = new_code()
+    ttl_seconds = cfg.verify_ttl_minutes * 60  # make_interval(mins =>) takes whole minutes
+    await conn.execute(
+        """
+        INSERT INTO verify_emails (username, email, secret_code_hash, event_id, expires_at)
+        VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+        ON CONFLICT (event_id) DO NOTHING
+        """,
+        username,
+        user["email"],
+        hash_code(code),
+        ctx.event_id,
+        ttl_seconds,
+    )
+    # Blocks while another delivery of this event holds the row.
+    row = await conn.fetchrow(
+        "SELECT id, sent_at FROM verify_emails WHERE event_id = $1 FOR UPDATE", ctx.event_id
+    )
+    assert row is not None
+    if row["sent_at"] is not None:
+        logger.info("verify_email_already_sent", extra={"event_id": ctx.event_id})
+        return None
+    # Not sent: then it is the row this transaction inserted, with this code (a row
+    # commits only with its sent_at; an attempt that failed left nothing behind).
+    link = (
+        cfg.public_base_url.rstrip("/")
+        + "/v1/verify_email?"
+        + urlencode({"email_id": row["id"], "secret_code": code})
+    )
+    # SMTP without SMTPUTF8 takes ASCII only: an internationalized domain (kept in
+    # Unicode) goes in its IDNA form; a mailbox name beyond ASCII, which the API refuses
+    # now but a row from before may hold, cannot be sent at all.
+    to = ascii_address(user["email"])
+    if to is None:
+        raise PermanentError("the address needs SMTPUTF8, which is not supported")
+    message = build_message(
+        cfg,
+        to=to,
+        full_name=user["full_name"],
+        link=link,
+        message_id=row["id"],
+        event_id=ctx.event_id,
+    )
+
+    async def record() -> None:
         await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
         # The link of the most recent email is the one that works (a resend): the
         # account's other unused links end now.
@@ -197,4 +221,7 @@ async def send_verify_email(ctx: TaskContext) -> None:
             username,
             row["id"],
         )
-    logger.info("verify_email_sent", extra={"event_id": ctx.event_id, "email_id": row["id"]})
+        await tx.commit()
+
+    await mailer.send(message, then=record)
+    return int(row["id"])

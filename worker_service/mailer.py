@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from urllib.parse import unquote, urlsplit
@@ -10,6 +13,10 @@ from urllib.parse import unquote, urlsplit
 import aiosmtplib
 
 from shared.errors import ConfigError, PermanentError, RetryableError
+from shared.lifecycle import finish_then_cancel
+
+# QUIT comes after the send is recorded: its answer is not waited for longer than this.
+QUIT_WITHIN_SECONDS = 5.0
 
 # ?starttls= in SMTP_URL: None upgrades when the server offers it (with no credentials).
 _STARTTLS_MODES: dict[str, bool | None] = {"auto": None, "require": True, "off": False}
@@ -64,41 +71,80 @@ class Mailer:
     def __init__(self, config: SmtpConfig) -> None:
         self.config = config
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(
+        self, message: EmailMessage, then: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Send `message`, then run `then` (what records the send) before QUIT.
+
+        From the message's first command to the end of `then`, a cancellation (the handler's
+        timeout, a stop) waits for them: once DATA is under way the server may have taken
+        the message, and an email taken but not recorded would go out again, with another
+        link, at the next attempt. Connecting comes before and QUIT after, both cancellable;
+        a failed or slow QUIT (bounded by QUIT_WITHIN_SECONDS) changes nothing.
+        """
         c = self.config
+        client = aiosmtplib.SMTP(
+            hostname=c.host,
+            port=c.port,
+            username=c.username,
+            password=c.password,
+            use_tls=c.use_tls,
+            start_tls=c.start_tls,
+            timeout=c.timeout,
+            tls_context=ssl.create_default_context() if (c.use_tls or c.start_tls) else None,
+        )
+        with _sorted_errors():
+            await client.connect()
         try:
-            await aiosmtplib.send(
-                message,
-                hostname=c.host,
-                port=c.port,
-                username=c.username,
-                password=c.password,
-                use_tls=c.use_tls,
-                start_tls=c.start_tls,
-                timeout=c.timeout,
-                tls_context=ssl.create_default_context() if (c.use_tls or c.start_tls) else None,
-            )
-        # Permanent only when the refusal is about this message: its recipient (RCPT) or
-        # its content (DATA). Refusals of the connection, of HELO, of our sender (MAIL
-        # FROM), of authentication or TLS, and policy refusals (5.7.x: relaying denied,
-        # authentication required) say the server or the configuration is wrong for every
-        # message: those are retried (and alerted on) instead of dead-lettering every
-        # signup's email until an operator replays them all.
-        except aiosmtplib.SMTPRecipientsRefused as e:
-            refused = [(r.code, r.message) for r in e.recipients]
-            codes = [code for code, _ in refused]
-            if refused and all(_about_this_message(code, text) for code, text in refused):
-                raise PermanentError(f"recipient refused: {codes}") from e
-            raise RetryableError(f"recipient not accepted: {codes}") from e
-        except aiosmtplib.SMTPDataError as e:
-            if _about_this_message(e.code, e.message):
-                raise PermanentError(f"SMTP {e.code}: {e.message[:200]}") from e
-            raise RetryableError(f"SMTP {e.code}: {e.message[:200]}") from e
-        except aiosmtplib.SMTPResponseException as e:
-            raise RetryableError(f"SMTP {e.code}: {e.message[:200]}") from e
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
-            # Connection refused or reset, timeouts, TLS trouble: the server may come back.
-            raise RetryableError(f"SMTP unavailable: {type(e).__name__}: {e}") from e
+            await finish_then_cancel(self._deliver(client, message, then))
+        except BaseException:
+            client.close()
+            raise
+        try:
+            await asyncio.wait_for(client.quit(), min(c.timeout, QUIT_WITHIN_SECONDS))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()
+
+    async def _deliver(
+        self,
+        client: aiosmtplib.SMTP,
+        message: EmailMessage,
+        then: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        with _sorted_errors():
+            await client.send_message(message)
+        if then is not None:
+            await then()
+
+
+@contextlib.contextmanager
+def _sorted_errors() -> Iterator[None]:
+    """aiosmtplib's failures as RetryableError or PermanentError.
+
+    Permanent only when the refusal is about this message: its recipient (RCPT) or its
+    content (DATA). Refusals of the connection, of HELO, of our sender (MAIL FROM), of
+    authentication or TLS, and policy refusals (5.7.x: relaying denied, authentication
+    required) say the server or the configuration is wrong for every message: those are
+    retried (and alerted on) instead of dead-lettering every signup's email until an
+    operator replays them all.
+    """
+    try:
+        yield
+    except aiosmtplib.SMTPRecipientsRefused as e:
+        refused = [(r.code, r.message) for r in e.recipients]
+        codes = [code for code, _ in refused]
+        if refused and all(_about_this_message(code, text) for code, text in refused):
+            raise PermanentError(f"recipient refused: {codes}") from e
+        raise RetryableError(f"recipient not accepted: {codes}") from e
+    except aiosmtplib.SMTPDataError as e:
+        if _about_this_message(e.code, e.message):
+            raise PermanentError(f"SMTP {e.code}: {e.message[:200]}") from e
+        raise RetryableError(f"SMTP {e.code}: {e.message[:200]}") from e
+    except aiosmtplib.SMTPResponseException as e:
+        raise RetryableError(f"SMTP {e.code}: {e.message[:200]}") from e
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        # Connection refused or reset, timeouts, TLS trouble: the server may come back.
+        raise RetryableError(f"SMTP unavailable: {type(e).__name__}: {e}") from e
 
 
 def _about_this_message(code: int, text: str) -> bool:
