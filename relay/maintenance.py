@@ -19,6 +19,10 @@ from shared.lifecycle import Loop
 # Counting stops here, so the gauge query costs the same however large the backlog is.
 BACKLOG_COUNT_CAP = 100_000
 
+# The oldest wait: of a row due, since it became due; of a row the relay failed to
+# publish, since it was created, because each failure moves its available_at on (a row
+# Redis refuses for ever would otherwise never look older than its backoff, and no alert
+# would see it). The second is served by outbox_refused_idx.
 _BACKLOG = """
 SELECT
   (SELECT count(*) FROM (SELECT 1 FROM outbox
@@ -26,14 +30,18 @@ SELECT
                          LIMIT $1) AS capped) AS backlog,
   (SELECT extract(epoch FROM now() - available_at) FROM outbox
    WHERE published_at IS NULL AND available_at <= now() AND dead_lettered_at IS NULL
-   ORDER BY available_at LIMIT 1) AS oldest_age
+   ORDER BY available_at LIMIT 1) AS oldest_due,
+  (SELECT extract(epoch FROM now() - created_at) FROM outbox
+   WHERE published_at IS NULL AND last_error IS NOT NULL AND dead_lettered_at IS NULL
+   ORDER BY created_at LIMIT 1) AS oldest_refused
 """
 
 
 async def refresh_backlog_gauges(pool: asyncpg.Pool[Any]) -> tuple[int, float]:
     row = await pool.fetchrow(_BACKLOG, BACKLOG_COUNT_CAP)
     assert row is not None
-    backlog, oldest = int(row["backlog"]), float(row["oldest_age"] or 0.0)
+    backlog = int(row["backlog"])
+    oldest = max(float(row["oldest_due"] or 0.0), float(row["oldest_refused"] or 0.0))
     metrics.BACKLOG.set(backlog)
     metrics.OLDEST_AGE.set(oldest)
     return backlog, oldest

@@ -24,5 +24,6 @@ BACKLOG = Gauge(
 )
 OLDEST_AGE = Gauge(
     "relay_outbox_oldest_unpublished_age_seconds",
-    "Age of the oldest outbox row that is due and unpublished (0 when none).",
+    "Longest wait of an unpublished outbox row (0 when none): since it became due, or"
+    " since it was created for a row the relay failed to publish.",
 )

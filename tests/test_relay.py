@@ -229,6 +229,29 @@ async def test_one_row_redis_refuses_does_not_block_the_rest(
     assert [e.event_id for e in await stream_events(redis, "broken")] == bad
 
 
+async def test_a_row_redis_keeps_refusing_shows_in_the_backlog_age(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """Each refusal moves the row's available_at on (up to 5 minutes), so its wait since
+    it became due never passed the alert's 60 s: a row refused for hours went unseen. Its
+    wait now counts from its creation, until it is published."""
+    await redis.set(stream_key("broken"), "not a stream")
+    (bad,) = await add_events(pool, 1, queue="broken")
+    await pool.execute("UPDATE outbox SET created_at = now() - interval '2 hours'")
+    relay = RelayLoop(pool, redis, settings)
+    for _ in range(3):
+        await pool.execute("UPDATE outbox SET available_at = now() - interval '0.5 s'")
+        await relay.run_once()  # refused again, and backed off
+        backlog, oldest = await refresh_backlog_gauges(pool)
+        assert backlog == 1
+        assert oldest > 7000, oldest
+    await redis.delete(stream_key("broken"))
+    await pool.execute("UPDATE outbox SET available_at = now()")
+    await relay.run_once()
+    assert [e.event_id for e in await stream_events(redis, "broken")] == [bad]
+    assert await refresh_backlog_gauges(pool) == (0, 0.0)
+
+
 async def test_redis_refusing_every_write_backs_off_the_loop_not_each_row(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
 ) -> None:
