@@ -114,11 +114,17 @@ async def _connect(dsn: str) -> asyncpg.Connection[Any]:
 
 
 async def schema_version(db: asyncpg.Pool[Any] | asyncpg.Connection[Any]) -> int:
-    """The highest migration applied to the database; 0 if none ever ran."""
+    """The highest migration applied with every one before it; 0 if none ever ran. (A
+    database given 1, 2, 3 and 5 is at 3: the highest, 5, would call it ready for code
+    that needs 4.)"""
     try:
-        return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+        applied = {int(r[0]) for r in await db.fetch("SELECT version FROM schema_migrations")}
     except asyncpg.UndefinedTableError:
         return 0
+    version = 0
+    while version + 1 in applied:
+        version += 1
+    return version
 
 
 async def migrate(

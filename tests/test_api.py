@@ -595,8 +595,9 @@ def test_the_schema_version_the_api_needs_is_the_last_migration() -> None:
 async def test_readyz_is_503_until_the_schema_is_migrated(
     pg_server: PostgresServer, tmp_path: Path
 ) -> None:
-    """A release whose migrations have not run takes no traffic; one whose database was
-    migrated further (by the next release) is ready."""
+    """A release whose migrations have not run takes no traffic, nor one whose database
+    misses one of them; one whose database was migrated further (by the next release) is
+    ready."""
     dsn = pg_server.create_database(f"readyz_{uuid.uuid4().hex[:8]}")
     older = tmp_path / "sql"
     older.mkdir()
@@ -617,13 +618,16 @@ async def test_readyz_is_503_until_the_schema_is_migrated(
             status, text = await ready()
             assert status == 503
             assert f"at version {SCHEMA_VERSION - 1}; this release needs {SCHEMA_VERSION}" in text
-            await migrate(dsn)
-            assert await ready() == (200, '{"status": "ready"}')
+            # The next release's migration applied, this one's not: a gap is not ready.
             await pool.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, 'next.sql')",
                 SCHEMA_VERSION + 1,
             )
-            assert (await ready())[0] == 200
+            status, text = await ready()
+            assert status == 503
+            assert f"at version {SCHEMA_VERSION - 1};" in text
+            await migrate(dsn)  # fills the gap; the database is then ahead of this release
+            assert await ready() == (200, '{"status": "ready"}')
     finally:
         await pool.close()
 
