@@ -19,6 +19,14 @@ logger = logging.getLogger(__name__)
 DbConn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 
+# Postgres ends a session idle this long inside a transaction (create_pool).
+IDLE_IN_TRANSACTION_SECONDS = 60.0
+# The worker's handlers wait on other systems inside a transaction: the verification email
+# holds its transaction through the SMTP conversation, up to its 60 s timeout and then to
+# the answer to DATA (SMTP_TIMEOUT_SECONDS), then commits.
+WORKER_IDLE_IN_TRANSACTION_SECONDS = 600.0
+
+
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     # jsonb in and out as Python objects, through orjson.
     await conn.set_type_codec(
@@ -47,8 +55,18 @@ async def create_pool(
     max_size: int = 10,
     durable_commits: bool = True,
     custom_plans: bool = False,
+    idle_in_transaction_seconds: float = IDLE_IN_TRANSACTION_SECONDS,
 ) -> asyncpg.Pool[Any]:
-    """A pool whose sessions run in UTC.
+    """A pool whose sessions run in UTC, and end when left idle inside a transaction.
+
+    idle_in_transaction_seconds: Postgres ends a session that has waited this long, in a
+    transaction, for its next statement (`idle_in_transaction_session_timeout`). A
+    process frozen or cut off inside one (SIGSTOP, a VM paused, a partition, a host gone
+    with its sockets) would otherwise keep its row locks, a relay's claimed batch, until
+    TCP gives up (two hours and more) or for ever, and hold back vacuum for the whole
+    database all that time. It must exceed the longest wait this code makes inside a
+    transaction: the relay's Redis calls (REDIS_SOCKET_TIMEOUT_SECONDS each), the worker's
+    SMTP conversation (see WORKER_IDLE_IN_TRANSACTION_SECONDS).
 
     durable_commits=False: commits return before their WAL reaches the disk
     (`synchronous_commit = off`), for writers whose every write can be lost in a crash of
@@ -73,7 +91,10 @@ async def create_pool(
         command_timeout=30,
         # Timestamps Postgres renders as text (the relay's envelopes) read the same
         # whatever the server's or the role's TimeZone: a startup parameter, no round trip.
-        server_settings={"TimeZone": "UTC"}
+        server_settings={
+            "TimeZone": "UTC",
+            "idle_in_transaction_session_timeout": str(int(idle_in_transaction_seconds * 1000)),
+        }
         | ({} if durable_commits else {"synchronous_commit": "off"})
         | ({"plan_cache_mode": "force_custom_plan"} if custom_plans else {}),
     )

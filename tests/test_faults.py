@@ -465,6 +465,36 @@ async def test_a_write_that_fails_after_its_caller_was_cancelled_is_logged(
     assert logged.exc_info is not None and "Redis went away" in str(logged.exc_info[1])
 
 
+async def test_a_session_frozen_inside_a_transaction_is_ended_and_its_rows_freed(
+    pg_server: PostgresServer, clean: None
+) -> None:
+    """A relay frozen (SIGSTOP, a VM paused) or cut off right after its claim: Postgres
+    ends its session once it has been idle in the transaction for the pool's limit (60 s
+    by default, 0.5 s here), so the other relays get its rows, instead of after TCP gives
+    up (hours) or never."""
+    frozen = await create_pool(pg_server.dsn, max_size=1, idle_in_transaction_seconds=0.5)
+    other = await create_pool(pg_server.dsn, max_size=1)
+    try:
+        async with frozen.acquire() as conn, other.acquire() as conn2:
+            await conn.execute(
+                "INSERT INTO outbox (event_id, queue, task_type, payload)"
+                " VALUES (gen_random_uuid(), 'default', 't', '{}')"
+            )
+            claim = "SELECT id FROM outbox FOR UPDATE SKIP LOCKED"
+            tx = conn.transaction()
+            await tx.start()
+            assert len(await conn.fetch(claim)) == 1  # claimed; and then nothing more
+            assert await conn2.fetch(claim) == []  # locked
+            await asyncio.sleep(1.5)
+            assert len(await conn2.fetch(claim)) == 1  # the frozen session was ended
+            # Its session is gone (asyncpg saw it end, and let the connection go).
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+                await conn.fetch(claim)
+    finally:
+        frozen.terminate()
+        await other.close()
+
+
 async def test_a_pool_whose_server_went_silent_closes_within_the_time_given(
     pg_server: PostgresServer,
 ) -> None:

@@ -7,6 +7,7 @@ import argparse
 from shared import entrypoint
 from shared.connections import (
     REDIS_SOCKET_TIMEOUT_SECONDS,
+    WORKER_IDLE_IN_TRANSACTION_SECONDS,
     close_pool,
     create_pool,
     create_redis,
@@ -22,7 +23,12 @@ from worker_service.settings import WorkerSettings
 async def serve(cfg: WorkerSettings, router: Router) -> None:
     # Custom plans: the batched completion UPDATE must not keep a plan made for an empty
     # outbox (see create_pool).
-    pool = await create_pool(cfg.database_url, max_size=cfg.db_pool_size, custom_plans=True)
+    pool = await create_pool(
+        cfg.database_url,
+        max_size=cfg.db_pool_size,
+        custom_plans=True,
+        idle_in_transaction_seconds=WORKER_IDLE_IN_TRANSACTION_SECONDS,
+    )
     # Its reads block for up to block_ms: the socket timeout counts from there.
     redis = create_redis(
         cfg.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS + cfg.block_ms / 1000
