@@ -11,15 +11,19 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from shared.connections import DbConn
 from shared.constants import DEFAULT_QUEUE, NOTIFY_CHANNEL
 
 # The row and the relays' wake-up in one statement (one round trip). The NOTIFY payload is
 # empty: listeners only need a wake-up, and equal NOTIFYs in one transaction fold into one.
+# Payload and headers go as JSON text, so that any connection takes them, not only those
+# of create_pool() (which decode jsonb to Python objects).
 _INSERT = """
 WITH event AS (
     INSERT INTO outbox (event_id, task_type, queue, payload, headers, available_at)
-    VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()))
+    VALUES ($1, $2, $3, $4::text::jsonb, $5::text::jsonb, COALESCE($6, now()))
     RETURNING id
 )
 SELECT pg_notify($7, '') FROM event
@@ -45,7 +49,14 @@ async def enqueue(
         raise TypeError("enqueue() takes the payload and the headers as dicts")
     event_id = event_id or uuid.uuid4()
     await conn.execute(
-        _INSERT, event_id, task_type, queue, payload, headers or {}, available_at, NOTIFY_CHANNEL
+        _INSERT,
+        event_id,
+        task_type,
+        queue,
+        orjson.dumps(payload).decode(),
+        orjson.dumps(headers or {}).decode(),
+        available_at,
+        NOTIFY_CHANNEL,
     )
     return event_id
 

@@ -100,6 +100,22 @@ async def test_publishes_every_row_once_and_marks_it(
     assert all(r["published_at"] is not None and r["stream_id"] for r in rows)
 
 
+async def test_enqueue_takes_a_plain_asyncpg_connection(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer
+) -> None:
+    """A producer's own connection, without create_pool()'s jsonb codec (it failed there:
+    "expected str, got dict")."""
+    conn = await asyncpg.connect(pg_server.dsn)
+    try:
+        async with conn.transaction():
+            event_id = await enqueue(conn, "send_invoice", {"invoice_id": 7}, headers={"a": "b"})
+    finally:
+        await conn.close()
+    row = await pool.fetchrow("SELECT payload, headers FROM outbox WHERE event_id = $1", event_id)
+    assert row is not None
+    assert (row["payload"], row["headers"]) == ({"invoice_id": 7}, {"a": "b"})
+
+
 async def test_the_envelope_postgres_builds_decodes_like_the_python_one(
     pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
 ) -> None:
