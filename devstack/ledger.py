@@ -9,10 +9,6 @@ was rolled back, so at most one email per user is usable.
 
 from __future__ import annotations
 
-import email
-import email.policy
-import email.utils
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -22,9 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
+from devstack.mail import mailbox
 from shared.verification import hash_code
-
-_LINK = re.compile(r"https?://\S+/v1/verify_email\?\S+")
 
 
 @dataclass
@@ -69,18 +64,11 @@ class Ledger:
 
 def read_mailbox(directory: Path) -> list[Mail]:
     mails = []
-    for path in sorted(directory.glob("*.eml")):
-        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-        body = msg.get_body(preferencelist=("plain",))
-        text = body.get_content() if body is not None else ""
-        m = _LINK.search(text)
-        if not m:
-            continue
-        q = {k: v[0] for k, v in parse_qs(urlsplit(m.group(0)).query).items()}
-        ns = int(path.name.split("-", 1)[0])
-        to = email.utils.parseaddr(str(msg["To"]))[1].lower()
+    for m in mailbox(directory):
+        q = {k: v[0] for k, v in parse_qs(urlsplit(m.link).query).items()}
+        ns = int(m.path.name.split("-", 1)[0])
         mails.append(
-            Mail(to, int(q["email_id"]), q["secret_code"], datetime.fromtimestamp(ns / 1e9, UTC))
+            Mail(m.to, int(q["email_id"]), q["secret_code"], datetime.fromtimestamp(ns / 1e9, UTC))
         )
     return mails
 

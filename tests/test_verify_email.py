@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from devstack import mail as devstack_mail
 from devstack.postgres import PostgresServer
 from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
@@ -108,6 +109,34 @@ async def test_sends_one_multipart_email_with_a_working_code(
     # Only the hash is stored: the code itself is nowhere in the database.
     assert params["secret_code"] not in str(dict(row))
     assert "15 minutes" in text_part(msg)
+
+
+async def test_the_dev_mailbox_tool_finds_the_link_that_a_grep_does_not(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    state: dict[str, Any],
+    smtp_sink: SmtpSink,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A name beyond ASCII makes the text quoted-printable ("email_id=3D12", lines cut
+    with "="): the README's grep found nothing. `python -m devstack.mail` reads it as a
+    mail client does."""
+    await pool.execute(
+        "INSERT INTO users (username, full_name, email, hashed_password)"
+        " VALUES ('jose', 'José Núñez', 'jose@example.com', 'x')"
+    )
+    await add_user(pool)
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4()), "jose"))
+    await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
+    jose, alice = smtp_sink.messages()
+    (raw,) = [p for p in smtp_sink.directory.glob("*.eml") if b"jose@" in p.read_bytes()]
+    assert verify_link(jose) not in raw.read_text()  # what a grep of the file misses
+    assert devstack_mail.main(["--dir", str(smtp_sink.directory), "--to", "Jose@example.com"]) == 0
+    assert capsys.readouterr().out == verify_link(jose) + "\n"
+    assert devstack_mail.main(["--dir", str(smtp_sink.directory)]) == 0  # the newest
+    assert capsys.readouterr().out == verify_link(alice) + "\n"
+    assert devstack_mail.main(["--dir", str(smtp_sink.directory), "--to", "bob@example.com"]) == 1
+    assert "no verification email to bob@example.com" in capsys.readouterr().err
 
 
 async def test_redelivery_after_success_sends_nothing(
