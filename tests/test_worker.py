@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from devstack.postgres import PostgresServer
+from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
 from relay.settings import RelaySettings
@@ -1068,6 +1069,22 @@ def test_unknown_app_and_bad_settings_exit_with_a_message() -> None:
     )
     assert out.returncode == 2
     assert "No module named 'nope'" in out.stderr
+    # The default app's own settings too, before connecting (nothing listens there).
+    out = subprocess.run(
+        [sys.executable, "-m", "worker_service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/db",
+            "REDIS_URL": "redis://h",
+            "PUBLIC_BASE_URL": "http://signup.test",
+        },
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "worker: invalid configuration: SMTP_URL: Field required"
 
 
 async def test_entries_this_worker_abandoned_are_taken_back(

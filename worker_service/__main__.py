@@ -12,6 +12,7 @@ from shared.connections import (
     create_pool,
     create_redis,
 )
+from shared.errors import ConfigError
 from shared.http_probe import ProbeServer
 from shared.lifecycle import run_until_signalled
 from worker_service.consumer import Worker
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = entrypoint.load_settings("worker", WorkerSettings)
     try:
         router = load_app(args.app)
-    except (ValueError, ImportError) as e:
+        for check in router.config_checks:
+            check()
+    except (ValueError, ImportError, ConfigError) as e:
         entrypoint.config_error("worker", e)
     entrypoint.run("worker", cfg.log_level, lambda: serve(cfg, router))
 

@@ -106,11 +106,17 @@ def _cte(body: str) -> str:
     return "7bit" if body.isascii() else "quoted-printable"
 
 
+def _configure() -> tuple[VerifyEmailSettings, Mailer]:
+    cfg = settings_mod.load(VerifyEmailSettings)
+    return cfg, Mailer(SmtpConfig.from_url(cfg.smtp_url, cfg.smtp_timeout_seconds))
+
+
+router.on_config_check(_configure)
+
+
 @router.on_startup
 async def _startup(state: dict[str, Any]) -> None:
-    cfg = settings_mod.load(VerifyEmailSettings)
-    state["verify_settings"] = cfg
-    state["mailer"] = Mailer(SmtpConfig.from_url(cfg.smtp_url, cfg.smtp_timeout_seconds))
+    state["verify_settings"], state["mailer"] = _configure()
 
 
 @router.handler(TASK_SEND_VERIFY_EMAIL, timeout=60)

@@ -58,6 +58,9 @@ class Router:
     routes: dict[str, Route] = field(default_factory=dict)
     startup_hooks: list[Hook] = field(default_factory=list)
     shutdown_hooks: list[Hook] = field(default_factory=list)
+    # Run at process start, before any connection: a ConfigError there exits 2 with its
+    # one line, as a worker setting does, even with Postgres or Redis unreachable.
+    config_checks: list[Callable[[], object]] = field(default_factory=list)
 
     def handler(
         self, task_type: str, *, timeout: float | None = None, max_attempts: int | None = None
@@ -71,6 +74,10 @@ class Router:
             return fn
 
         return register
+
+    def on_config_check(self, fn: Callable[[], object]) -> Callable[[], object]:
+        self.config_checks.append(fn)
+        return fn
 
     def on_startup(self, fn: Hook) -> Hook:
         self.startup_hooks.append(fn)
