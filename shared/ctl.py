@@ -370,7 +370,8 @@ def _say(line: str) -> None:
 # -- status --------------------------------------------------------------------------------
 
 # Counting stops at the relay's cap (relay/maintenance.py), so the backlog and in-flight
-# counts cost the same however large they are (partial indexes). The dead-lettered count
+# counts cost the same however large they are (partial indexes). The oldest unpublished
+# age is the relay's gauge's: rows Redis refused count from their creation. The dead-lettered count
 # has no index to use: it reads the table, about 160 ms per 3 million rows (a table
 # `OUTBOX_RETENTION_SECONDS` keeps small; an index for one operator count would cost every
 # signup's insert). Counts are for this queue only.
@@ -383,7 +384,15 @@ SELECT
   (SELECT extract(epoch FROM now() - available_at) FROM outbox
    WHERE published_at IS NULL AND available_at <= now() AND dead_lettered_at IS NULL
      AND queue = $2
-   ORDER BY available_at LIMIT 1) AS oldest_age,
+   ORDER BY available_at LIMIT 1) AS oldest_due,
+  (SELECT count(*) FROM (SELECT 1 FROM outbox
+                         WHERE published_at IS NULL AND last_error IS NOT NULL
+                           AND dead_lettered_at IS NULL AND queue = $2
+                         LIMIT $1) AS capped) AS refused,
+  (SELECT ARRAY[extract(epoch FROM now() - created_at)::text, last_error] FROM outbox
+   WHERE published_at IS NULL AND last_error IS NOT NULL AND dead_lettered_at IS NULL
+     AND queue = $2
+   ORDER BY created_at LIMIT 1) AS oldest_refused,
   (SELECT count(*) FROM (SELECT 1 FROM outbox
                          WHERE published_at IS NOT NULL AND completed_at IS NULL
                            AND dead_lettered_at IS NULL AND queue = $2
@@ -412,14 +421,17 @@ async def collect_status(session: Session) -> dict[str, Any]:
         consumers.append(
             {"name": _s(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
         )
-    oldest = row["oldest_age"]
+    refused = row["oldest_refused"]  # [age, last_error] of the oldest row Redis refused
+    ages = [float(a) for a in (row["oldest_due"], refused and refused[0]) if a is not None]
     lag = int(stats["lag"])
     return {
         "queue": session.cfg.queue,
         "outbox": {
             "count_cap": BACKLOG_COUNT_CAP,
             "backlog": int(row["backlog"]),
-            "oldest_unpublished_age_seconds": None if oldest is None else float(oldest),
+            "oldest_unpublished_age_seconds": max(ages) if ages else None,
+            "refused": int(row["refused"]),
+            "oldest_refused_error": refused[1] if refused else None,
             "in_flight": int(row["in_flight"]),
             "dead_lettered": int(row["dead_lettered"]),
         },
@@ -458,6 +470,12 @@ def _capped(n: int, cap: int) -> str:
     return f"{n}+" if n >= cap else str(n)
 
 
+def _refused(outbox: dict[str, Any], cap: int) -> str:
+    n = _capped(outbox["refused"], cap)
+    error = outbox["oldest_refused_error"]
+    return f"{n} (oldest: {' '.join(error.split())[:100]})" if error else n
+
+
 def render_status(st: dict[str, Any]) -> str:
     o, r = st["outbox"], st["redis"]
     cap = o["count_cap"]
@@ -465,6 +483,7 @@ def render_status(st: dict[str, Any]) -> str:
         (f"Postgres outbox (queue {st['queue']})", ""),
         ("  unpublished backlog", _capped(o["backlog"], cap)),
         ("  oldest unpublished age", _age(o["oldest_unpublished_age_seconds"])),
+        ("  refused by Redis, not yet published", _refused(o, cap)),
         ("  in flight (published, not completed)", _capped(o["in_flight"], cap)),
         ("  dead-lettered", _capped(o["dead_lettered"], cap)),
         (f"Redis stream {r['stream']}", ""),

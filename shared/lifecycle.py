@@ -28,7 +28,8 @@ LOOP_ERRORS = Counter("loop_errors_total", "Iterations of a background loop that
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter for the n-th consecutive failure (n >= 1)."""
+    """Exponential backoff for the n-th consecutive failure (n >= 1), each delay drawn
+    between half and all of its step."""
     exp = min(cap, base * (2 ** min(attempt - 1, 32)))
     return random.uniform(exp / 2, exp)
 

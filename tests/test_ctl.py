@@ -202,6 +202,7 @@ async def test_status_json_and_text_match_reality(
     o, r = st["outbox"], st["redis"]
     assert o["backlog"] == 1
     assert 0 <= o["oldest_unpublished_age_seconds"] < 60
+    assert (o["refused"], o["oldest_refused_error"]) == (0, None)
     assert o["in_flight"] == 2
     assert o["dead_lettered"] == 3
     assert r["stream_length"] == await pipe.redis.xlen(STREAM) == 7
@@ -221,6 +222,24 @@ async def test_status_json_and_text_match_reality(
     assert table_value(text, "pending") == "1"
     assert table_value(text, "Redis dead letters").endswith(" 5")
     assert table_value(text, "stuck").split()[0] == "1"
+
+    # The relay's mark of a row Redis refused, made two hours after its signup: the age
+    # counts from its creation, as the relay's gauge does, and the refusal is shown.
+    await pipe.pool.execute(
+        "UPDATE outbox SET created_at = now() - interval '2 hours',"
+        " available_at = now() + interval '5 minutes', publish_attempts = 30,"
+        " last_error = 'WRONGTYPE Operation against a key holding the wrong kind of value'"
+        " WHERE published_at IS NULL"
+    )
+    assert await ctl("status", "--json") == 0
+    o = orjson.loads(capsys.readouterr().out)["outbox"]
+    assert o["oldest_unpublished_age_seconds"] > 7000
+    assert o["refused"] == 1
+    assert o["oldest_refused_error"].startswith("WRONGTYPE")
+    assert await ctl("status") == 0
+    text = capsys.readouterr().out
+    assert table_value(text, "oldest unpublished age").startswith("2h ")
+    assert table_value(text, "refused by Redis, not yet published").startswith("1 (oldest: WRONG")
 
 
 async def test_status_on_an_empty_redis_says_the_group_is_missing(

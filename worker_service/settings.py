@@ -12,8 +12,9 @@ from shared.settings import QueueName, StreamSettings
 
 
 def default_consumer_name() -> str:
-    # Unique per process, and stable across restarts of one container (pid 1 there), so
-    # that a restarted worker re-reads its own pending entries first.
+    # Unique per process, and stable across restarts of one container (a fresh PID
+    # namespace gives it the same pid each time, under compose's init as without), so that
+    # a restarted worker re-reads its own pending entries first.
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
