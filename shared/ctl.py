@@ -5,6 +5,7 @@
     outboxctl dead show ID [--json]
     outboxctl dead replay (ID... | --all | --reason R | --task T) [--yes] [--dry-run] [--quiet]
     outboxctl dead purge (ID... | --all | --older-than 7d) [--yes] [--dry-run] [--quiet]
+    outboxctl dead restore-lost [--older-than 10m] [--yes] [--dry-run] [--quiet]
 
 Configured by DATABASE_URL, REDIS_URL and QUEUE (default "default").
 
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from relay.maintenance import BACKLOG_COUNT_CAP
 from relay.publisher import refuses_every_write
 from shared.connections import create_pool, create_redis
-from shared.constants import DEFAULT_QUEUE, ENVELOPE_FIELD, RETRY_PARKING_CONSUMER
+from shared.constants import DEFAULT_QUEUE, ENVELOPE_FIELD, RETRY_PARKING_CONSUMER, dedupe_key
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
 from shared.outbox import dead_letter_error
@@ -941,6 +942,64 @@ async def cmd_dead_purge(session: Session, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- restore-lost --------------------------------------------------------------------------
+
+# Events given up on (dead-lettered) in Postgres. One never published has no dead letter
+# (migration 002's rows); one dead-lettered moments ago may have its dead letter still on
+# the way (the worker writes Postgres first): --older-than leaves those alone.
+_DEAD_LETTERED_ROWS = """
+SELECT event_id::text AS event_id FROM outbox
+WHERE dead_lettered_at IS NOT NULL AND completed_at IS NULL AND published_at IS NOT NULL
+  AND queue = $1 AND dead_lettered_at < now() - make_interval(secs => $2)
+ORDER BY dead_lettered_at
+"""
+# Unpublished again: the relay publishes them as it does a new signup's event.
+_RESTORE = """
+UPDATE outbox SET dead_lettered_at = NULL, last_error = NULL, published_at = NULL,
+    stream_id = NULL, available_at = now()
+WHERE event_id = ANY($1::uuid[]) AND dead_lettered_at IS NOT NULL AND completed_at IS NULL
+"""
+
+
+async def cmd_dead_restore_lost(session: Session, args: argparse.Namespace) -> int:
+    """Events dead-lettered in Postgres whose dead letter Redis no longer has (lost with
+    its data, or deleted by hand) are handed back to the relay. Those whose dead letter is
+    there are replayed with `dead replay` instead."""
+    queue = await session.queue()
+    client: Any = queue.redis
+    pool = await session.pool()
+    present: set[str] = set()
+    bar = _progress(await client.xlen(queue.dead), args.quiet, "reading dead letters")
+    try:
+        async for dl in scan_dead(client, queue.dead):
+            bar.update(1)
+            if event_id := dl.text("event_id"):
+                present.add(event_id)
+    finally:
+        bar.close()
+    rows = await pool.fetch(_DEAD_LETTERED_ROWS, session.cfg.queue, args.older_than.total_seconds())
+    lost = [r["event_id"] for r in rows if r["event_id"] not in present]
+    if not lost:
+        print("no dead-lettered event is missing from the dead letters")
+        return 0
+    what = f"{len(lost)} dead-lettered event(s) whose dead letters are gone"
+    if args.dry_run:
+        if not args.quiet:
+            for event_id in lost:
+                _say(f"would restore event {event_id}")
+        print(f"dry run: would restore {what}")
+        return 0
+    await _confirm(f"restore {what}, to be published again", args.yes)
+    # A dedupe key left (the dead letters deleted by hand, Redis's data kept) would make
+    # the relay take an event for published already, with an entry long gone.
+    for i in range(0, len(lost), PAGE_SIZE):
+        chunk = lost[i : i + PAGE_SIZE]
+        await client.delete(*(dedupe_key(e, session.cfg.queue) for e in chunk))
+    status = await pool.execute(_RESTORE, lost)
+    print(f"restored {int(status.split()[-1])}: the relay publishes them again")
+    return 0
+
+
 # -- arguments -----------------------------------------------------------------------------
 
 
@@ -1059,6 +1118,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _change_options(purge)
     purge.set_defaults(func=cmd_dead_purge)
+
+    restore = dsub.add_parser(
+        "restore-lost",
+        help="publish again the events whose dead letters Redis lost",
+        description="Events dead-lettered in Postgres whose dead letter is not in the "
+        "dead-letter stream (Redis came back without its data) are marked unpublished, "
+        "and the relay publishes them again. Run it once the cause of their failure is "
+        "fixed; dead letters still in the stream are replayed with `dead replay`.",
+    )
+    restore.add_argument(
+        "--older-than",
+        type=parse_duration,
+        default=timedelta(minutes=10),
+        metavar="DURATION",
+        help="only events dead-lettered longer ago than this (default 10m: a worker may"
+        " be writing a dead letter right now)",
+    )
+    _change_options(restore)
+    restore.set_defaults(func=cmd_dead_restore_lost)
     return parser
 
 

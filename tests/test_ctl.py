@@ -328,6 +328,43 @@ async def test_list_and_purge_a_stream_longer_than_a_page(
     assert await pipe.redis.xlen(DEAD) == 0
 
 
+async def test_restore_lost_publishes_again_the_events_whose_dead_letters_redis_lost(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redis came back without two of the dead letters: their events, dead-lettered in
+    Postgres, are published again once the cause is fixed, and complete. The third, whose
+    dead letter is there, is left to `dead replay`; one dead-lettered a moment ago is left
+    alone (its dead letter may be on its way)."""
+    ids = await pipe.make_dead_letters()
+    await pipe.pool.execute("UPDATE outbox SET dead_lettered_at = now() - interval '1 hour'")
+    await pipe.redis.xdel(DEAD, ids["t0"], ids["u0"])  # lost, with their dedupe keys kept
+    capsys.readouterr()
+
+    assert await ctl("dead", "restore-lost", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert f"would restore event {ids['event_t0']}" in out
+    assert out.strip().endswith(
+        "would restore 2 dead-lettered event(s) whose dead letters are gone"
+    )
+    assert await ctl("dead", "restore-lost", "--older-than", "2h", "--yes") == 0
+    assert "no dead-lettered event is missing" in capsys.readouterr().out
+
+    assert await ctl("dead", "restore-lost", "--yes") == 0
+    assert capsys.readouterr().out.strip().endswith("restored 2: the relay publishes them again")
+    for label in ("t0", "u0"):
+        row = await pipe.row(ids[f"event_{label}"])
+        assert row["dead_lettered_at"] is None and row["published_at"] is None
+    assert (await pipe.row(ids["event_t1"]))["dead_lettered_at"] is not None
+
+    pipe.handlers.fail = False
+    while await pipe.relay.run_once():  # published again, past their old dedupe keys
+        pass
+    assert await pipe.work() == 2
+    assert sorted(pipe.handlers.done) == [("t", 0), ("u", 0)]
+    assert await ctl("dead", "restore-lost", "--yes") == 0
+    assert "no dead-lettered event is missing" in capsys.readouterr().out
+
+
 async def test_a_bulk_purge_shows_progress_while_it_counts_and_purges(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
