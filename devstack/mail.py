@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import email
 import email.policy
-import email.utils
 import re
 import sys
 from dataclasses import dataclass
@@ -43,9 +42,9 @@ def mailbox(directory: Path) -> list[Mailed]:
         msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
         assert isinstance(msg, EmailMessage)
         link = verification_link(msg)
-        if link is not None:
-            to = email.utils.parseaddr(str(msg["To"]))[1].lower()
-            out.append(Mailed(path, to, link))
+        addresses = getattr(msg["To"], "addresses", ())  # parsed, as a mail client does
+        if link is not None and addresses:
+            out.append(Mailed(path, addresses[0].addr_spec.lower(), link))
     return out
 
 

@@ -32,7 +32,8 @@ class MaildirHandler:
         # The same for MAIL FROM and RCPT TO.
         self.fail_mail_with = ""
         self.fail_rcpt_with = ""
-        self.delay_seconds = 0.0  # before answering DATA (the message is stored after it)
+        self.delay_seconds = 0.0  # before taking the message at DATA (stored after it)
+        self.answer_delay_seconds = 0.0  # after storing it, before answering DATA
         self.quit_delay_seconds = 0.0  # before answering QUIT
         self.received = 0
         self._lock = threading.Lock()
@@ -85,6 +86,8 @@ class MaildirHandler:
         with self._lock:
             self.received += 1
         del msg
+        if self.answer_delay_seconds:  # taken, and the answer slow to come
+            await asyncio.sleep(self.answer_delay_seconds)
         return "250 Message accepted for delivery"
 
 

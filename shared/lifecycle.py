@@ -15,6 +15,7 @@ import logging
 import random
 import signal
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -47,21 +48,45 @@ async def finish_anyway(aw: Coroutine[Any, Any, T], failed_late: str) -> T:
         raise
 
 
-async def finish_then_cancel(aw: Coroutine[Any, Any, T]) -> T:
-    """Run `aw` to its end even if the caller is cancelled meanwhile, then let the
-    cancellation take effect: for a step that must not be cut in the middle (an email the
-    SMTP server may have taken is recorded before anything else). The caller's
-    cancellation waits for as long as `aw` takes: bound it."""
+# A stop gives a task inside finish_uncut() this much more time once its grace is over
+# and it has been cancelled (worker_service.consumer): an email the SMTP server may have
+# taken is recorded, rather than sent again by the next worker.
+FINISH_UNCUT_SECONDS = 5.0
+_uncut: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def finishing_uncut(task: asyncio.Task[Any]) -> bool:
+    """`task` is inside finish_uncut(): its cancellation waits for the step's end."""
+    return task in _uncut
+
+
+async def finish_uncut(aw: Coroutine[Any, Any, T]) -> tuple[T, bool]:
+    """Run `aw` to its end even if the caller is cancelled meanwhile: a step that must not
+    be cut in the middle (an email the SMTP server may have taken is recorded before
+    anything else happens). The cancellation waits for as long as `aw` takes: bound it.
+
+    Returns `aw`'s result and whether a cancellation came meanwhile. One that came is
+    spent once `aw` has succeeded, since the work it would have stopped is done: the
+    caller ends without waiting on anything more (the mailer skips QUIT) and returns. If
+    `aw` failed, CancelledError is raised from its failure.
+    """
+    me = asyncio.current_task()
     task = asyncio.ensure_future(aw)
     cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])  # unlike awaiting it, a cancellation here spares it
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
+    if me is not None:
+        _uncut.add(me)
+    try:
+        while not task.done():
+            try:
+                await asyncio.wait([task])  # unlike awaiting it, a cancellation here spares it
+            except asyncio.CancelledError:
+                cancelled = True
+    finally:
+        if me is not None:
+            _uncut.discard(me)
+    if cancelled and (task.cancelled() or task.exception() is not None):
         raise asyncio.CancelledError() from (None if task.cancelled() else task.exception())
-    return task.result()
+    return task.result(), cancelled
 
 
 def _log_late_failure(event: str, task: asyncio.Future[Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -20,9 +21,11 @@ from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
 from relay.publisher import RelayLoop
 from relay.settings import RelaySettings
+from shared.connections import close_pool, create_pool
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from shared.envelope import Envelope
 from shared.errors import ConfigError, PermanentError, RetryableError
+from shared.lifecycle import FINISH_UNCUT_SECONDS
 from shared.outbox import enqueue
 from shared.verification import hash_code
 from tests.helpers import eventually, link_params, text_part, verify_link, worker_settings
@@ -120,15 +123,20 @@ async def test_the_dev_mailbox_tool_finds_the_link_that_a_grep_does_not(
 ) -> None:
     """A name beyond ASCII makes the text quoted-printable ("email_id=3D12", lines cut
     with "="): the README's grep found nothing. `python -m devstack.mail` reads it as a
-    mail client does."""
+    mail client does. With "<" and "," in that name, the To header names one address."""
     await pool.execute(
         "INSERT INTO users (username, full_name, email, hashed_password)"
-        " VALUES ('jose', 'José Núñez', 'jose@example.com', 'x')"
+        " VALUES ('jose', 'José <attacker@evil.test>, Núñez', 'jose@example.com', 'x')"
     )
     await add_user(pool)
     await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4()), "jose"))
     await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
     jose, alice = smtp_sink.messages()
+    # The name is one display name: formataddr() made "José" one address and
+    # attacker@evil.test another, which a mail client showed.
+    assert [(a.display_name, a.addr_spec) for a in jose["To"].addresses] == [
+        ("José <attacker@evil.test>, Núñez", "jose@example.com")
+    ]
     (raw,) = [p for p in smtp_sink.directory.glob("*.eml") if b"jose@" in p.read_bytes()]
     assert verify_link(jose) not in raw.read_text()  # what a grep of the file misses
     assert devstack_mail.main(["--dir", str(smtp_sink.directory), "--to", "Jose@example.com"]) == 0
@@ -541,9 +549,14 @@ def make_verify_worker(
     pg_server: PostgresServer,
     redis_server: RedisServer,
 ) -> Callable[..., Worker]:
-    def make(router: Router = verify_app.router, name: str = "w1") -> Worker:
-        settings = worker_settings(pg_server, redis_server, consumer_name=name)
-        return Worker(router, pool, redis, settings)
+    def make(
+        router: Router = verify_app.router,
+        name: str = "w1",
+        on: asyncpg.Pool[Any] | None = None,
+        **settings: Any,
+    ) -> Worker:
+        cfg = worker_settings(pg_server, redis_server, consumer_name=name, **settings)
+        return Worker(router, on or pool, redis, cfg)
 
     return make
 
@@ -563,6 +576,14 @@ async def one_recorded_email(pool: asyncpg.Pool[Any], smtp_sink: SmtpSink, event
     assert bytes(row["secret_code_hash"]) == hash_code(params["secret_code"])
 
 
+def slow_to_answer(smtp_sink: SmtpSink, command: str, seconds: float) -> None:
+    """The sink takes the message, then answers DATA (or QUIT) `seconds` late."""
+    if command == "DATA":
+        smtp_sink.handler.answer_delay_seconds = seconds
+    else:
+        smtp_sink.handler.quit_delay_seconds = seconds
+
+
 @pytest.mark.parametrize("slow", ["DATA", "QUIT"])
 async def test_a_timeout_while_the_server_takes_the_message_sends_one_email(
     slow: str,
@@ -572,14 +593,13 @@ async def test_a_timeout_while_the_server_takes_the_message_sends_one_email(
     make_verify_worker: Callable[..., Worker],
 ) -> None:
     """The handler's timeout (here 1 s) fires while the server answers DATA (it may have
-    taken the message) or QUIT (it has): the send is recorded before the cancellation
-    takes effect, and the retry finds it sent. Cancelled there, each attempt sent an
-    email no one recorded, whose link did not work, and the event ended dead-lettered."""
-    if slow == "DATA":
-        smtp_sink.handler.delay_seconds = 2.0
-    else:
-        smtp_sink.handler.quit_delay_seconds = 2.0
-    worker = make_verify_worker(verify_router(timeout=1))
+    taken the message) or QUIT (it has), on the event's only attempt: the send is recorded
+    before the cancellation takes effect, and counts as done. Cancelled there, each
+    attempt sent an email no one recorded, whose link did not work, and the event ended
+    dead-lettered; once the record waited, a timeout on the last attempt still
+    dead-lettered an email sent and recorded."""
+    slow_to_answer(smtp_sink, slow, 2.0)
+    worker = make_verify_worker(verify_router(timeout=1), max_attempts=1)
     await worker.start()
     try:
         await one_recorded_email(pool, smtp_sink, signup_event)
@@ -587,28 +607,38 @@ async def test_a_timeout_while_the_server_takes_the_message_sends_one_email(
         await worker.stop()
 
 
-async def test_a_stop_while_the_server_answers_quit_sends_one_email(
+@pytest.mark.parametrize("slow", ["DATA", "QUIT"])
+async def test_a_stop_while_the_server_takes_the_message_sends_one_email(
+    slow: str,
     pool: asyncpg.Pool[Any],
+    pg_server: PostgresServer,
     smtp_sink: SmtpSink,
     signup_event: str,
     make_verify_worker: Callable[..., Worker],
 ) -> None:
-    """A rolling restart's SIGTERM while a server that took the message is slow to answer
-    QUIT: the next worker finds the send recorded (it sent a second email, and the first
-    one's link did not work)."""
-    smtp_sink.handler.quit_delay_seconds = 3.0
-    first = make_verify_worker()
+    """A rolling restart's SIGTERM, its grace (0.5 s) over while the server takes the
+    message: slow to answer DATA, the send gets 5 s more to be recorded before the
+    process closes its pool as main() does (a stop that gave it 0.5 s as to any handler
+    had its connection closed under it, and the next worker sent a second email); slow to
+    answer QUIT, the send is recorded already and the connection closed at once."""
+    slow_to_answer(smtp_sink, slow, 3.0)
+    own = await create_pool(pg_server.dsn, max_size=2)
+    first = make_verify_worker(on=own)
     await first.start()
 
     async def taken() -> bool:
         return len(smtp_sink.messages()) == 1
 
     await eventually(taken, timeout=10)
+    t0 = time.monotonic()
     await first.stop(grace=0.5)
-    smtp_sink.handler.quit_delay_seconds = 0.0
+    await close_pool(own, 0.5)
+    took = time.monotonic() - t0
+    slow_to_answer(smtp_sink, slow, 0.0)
     second = make_verify_worker(name="w2")
     await second.start()
     try:
         await one_recorded_email(pool, smtp_sink, signup_event)
     finally:
         await second.stop()
+    assert took < 0.5 + 0.5 + FINISH_UNCUT_SECONDS + 2, f"the stop took {took:.1f} s"

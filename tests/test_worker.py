@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1041,48 +1043,32 @@ async def test_gone_consumers_holding_nothing_are_removed(
     assert removed == ["idle"]  # "holder" keeps its pending entry
 
 
-def test_unknown_app_and_bad_settings_exit_with_a_message() -> None:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "worker_service", "--app", "nope:router"],
+def run_worker_module(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker_service", *argv],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", **env},
         timeout=60,
         check=False,
     )
+
+
+def test_unknown_app_and_bad_settings_exit_with_a_message() -> None:
+    out = run_worker_module({}, "--app", "nope:router")
     assert out.returncode == 2
     assert "DATABASE_URL" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "worker_service", "--app", "nope:router"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DATABASE_URL": "postgresql://h/db",
-            "REDIS_URL": "redis://h",
-        },
-    )
+    urls = {"DATABASE_URL": "postgresql://h/db", "REDIS_URL": "redis://h"}
+    out = run_worker_module(urls, "--app", "nope:router")
     assert out.returncode == 2
     assert "No module named 'nope'" in out.stderr
     # The default app's own settings too, before connecting (nothing listens there).
-    out = subprocess.run(
-        [sys.executable, "-m", "worker_service"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/db",
-            "REDIS_URL": "redis://h",
-            "PUBLIC_BASE_URL": "http://signup.test",
-        },
-    )
+    env = {
+        "DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/db",
+        "REDIS_URL": "redis://h",
+        "PUBLIC_BASE_URL": "http://signup.test",
+    }
+    out = run_worker_module(env)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == "worker: invalid configuration: SMTP_URL: Field required"
 

@@ -16,8 +16,9 @@ emails at once: each send holds its connection.
 from __future__ import annotations
 
 import logging
+from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate, parseaddr
+from email.utils import formatdate, parseaddr
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -76,7 +77,10 @@ def build_message(
     sender_domain = parseaddr(cfg.mail_from)[1].rpartition("@")[2] or "localhost"
     msg = EmailMessage()
     msg["From"] = cfg.mail_from
-    msg["To"] = formataddr((full_name, to))
+    # An Address, not formataddr(): a name beyond ASCII with "<", "," or '"' in it (the API
+    # takes them) came out as an encoded word followed by the rest unquoted, which a mail
+    # client read as another address ("José <attacker@evil.test>" showed attacker@...).
+    msg["To"] = Address(display_name=full_name, addr_spec=to)
     msg["Subject"] = "Confirm your email address"
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = f"<verify-email.{message_id}.{event_id}@{sender_domain}>"

@@ -39,11 +39,13 @@ from shared.constants import RETRY_PARKING_CONSUMER
 from shared.envelope import Envelope
 from shared.errors import EnvelopeError, PermanentError
 from shared.lifecycle import (
+    FINISH_UNCUT_SECONDS,
     LOOP_ERRORS,
     STOP_FLOOR_SECONDS,
     backoff_delay,
     cancel_requested,
     finish_anyway,
+    finishing_uncut,
 )
 from shared.logs import request_id_var
 from shared.outbox import dead_letter_error
@@ -196,15 +198,25 @@ class Worker:
                 list(self._inflight.values()), timeout=max(0.0, deadline - time.monotonic())
             )
             if pending:
-                stuck = [eid for eid, t in self._inflight.items() if t in pending]
+                stuck_tasks = {eid: t for eid, t in self._inflight.items() if t in pending}
+                stuck = list(stuck_tasks)
                 counts = {
                     eid: self._count_at_stop(eid, self._deliveries.get(eid, 1)) for eid in stuck
                 }
                 logger.warning("worker_handlers_cancelled", extra={"entries": stuck})
+                uncut = {t for t in pending if finishing_uncut(t)}
                 for t in pending:
                     t.cancel()
                 # A handler may swallow its cancellation: it is left behind, not waited for.
+                # One finishing a step that must not be cut (an email the SMTP server may
+                # have taken, and its record) is given FINISH_UNCUT_SECONDS more.
                 _done, deaf = await asyncio.wait(pending, timeout=STOP_FLOOR_SECONDS)
+                if uncut & deaf:
+                    _done, late = await asyncio.wait(uncut & deaf, timeout=FINISH_UNCUT_SECONDS)
+                    deaf = (deaf - uncut) | late
+                # A handler that ended without a cancellation recorded its own outcome (an
+                # acknowledgement, a retry, a dead letter): nothing to hand back.
+                stuck = [e for e, t in stuck_tasks.items() if not t.done() or t.cancelled()]
                 if deaf:
                     deaf_ids = [e for e, t in self._inflight.items() if t in deaf]
                     logger.error("worker_handlers_ignore_cancellation", extra={"entries": deaf_ids})
@@ -679,8 +691,10 @@ class Worker:
                 " cancellation)",
             )
         self._watch(entry.id, task, started + timeout)
+        returned = False
         try:
             await route.handler(ctx)
+            returned = True
         except asyncio.CancelledError:
             if entry.id not in self._timed_out:
                 raise
@@ -692,9 +706,11 @@ class Worker:
             if entry.id in self._timed_out:
                 # The sweeper's cancellation, however the handler ended: take it back. A
                 # cancellation from elsewhere (the end of a shutdown's grace) still stands.
+                # A handler that returned all the same finished its work, late (one that
+                # finishes a step uncut, an email the server took and its record): done.
                 self._timed_out.discard(entry.id)
                 metrics.OVERDUE.set(len(self._timed_out))
-                timed_out = True
+                timed_out = not returned
                 if task.uncancel() > 0:
                     raise asyncio.CancelledError
         ended = time.perf_counter()

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 import aiosmtplib
 
 from shared.errors import ConfigError, PermanentError, RetryableError
-from shared.lifecycle import finish_then_cancel
+from shared.lifecycle import finish_uncut
 
 # QUIT comes after the send is recorded: its answer is not waited for longer than this.
 QUIT_WITHIN_SECONDS = 5.0
@@ -77,10 +77,12 @@ class Mailer:
         """Send `message`, then run `then` (what records the send) before QUIT.
 
         From the message's first command to the end of `then`, a cancellation (the handler's
-        timeout, a stop) waits for them: once DATA is under way the server may have taken
-        the message, and an email taken but not recorded would go out again, with another
-        link, at the next attempt. Connecting comes before and QUIT after, both cancellable;
-        a failed or slow QUIT (bounded by QUIT_WITHIN_SECONDS) changes nothing.
+        timeout, a stop) waits for them (finish_uncut): once DATA is under way the server
+        may have taken the message, and an email taken but not recorded would go out again,
+        with another link, at the next attempt. Once they are done the send has succeeded,
+        whatever comes after: a cancellation that came meanwhile, or comes during QUIT,
+        closes the connection without waiting, and a QUIT that fails or takes longer than
+        QUIT_WITHIN_SECONDS changes nothing. Connecting comes before, and is cancellable.
         """
         c = self.config
         client = aiosmtplib.SMTP(
@@ -96,13 +98,20 @@ class Mailer:
         with _sorted_errors():
             await client.connect()
         try:
-            await finish_then_cancel(self._deliver(client, message, then))
+            _, cancelled = await finish_uncut(self._deliver(client, message, then))
         except BaseException:
             client.close()
             raise
+        if cancelled:
+            client.close()
+            return
         try:
             await asyncio.wait_for(client.quit(), min(c.timeout, QUIT_WITHIN_SECONDS))
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            client.close()
+        except asyncio.CancelledError:
+            # Spent here: the message is out and recorded, and ending at once (the socket
+            # closed) is what the canceller wants.
             client.close()
 
     async def _deliver(
