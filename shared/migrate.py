@@ -82,9 +82,17 @@ def discover(directory: Path) -> list[tuple[int, Path]]:
         found.append((int(m.group(1)), path))
     if not found:
         raise ConfigError(f"no migrations (NNN_name.sql) in {directory} (MIGRATIONS_DIR)")
-    versions = [v for v, _ in found]
+    versions = sorted(v for v, _ in found)
     if len(set(versions)) != len(versions):
         raise ConfigError("two migrations share a version number")
+    # Numbered 1, 2, 3 ... with none missing: schema_version() counts only those applied
+    # with every one before them, so a missing file would keep the API unready for ever.
+    for expected, version in enumerate(versions, start=1):
+        if version != expected:
+            raise ConfigError(
+                f"migrations must be numbered from 001 without gaps: {expected:03d} is missing"
+                f" (found {version:03d}) in {directory}"
+            )
     return sorted(found)  # by version: 1000_x.sql comes after 999_y.sql, not before
 
 

@@ -834,10 +834,13 @@ def test_a_changed_migration_is_a_deployment_error_of_the_command(
     assert "Traceback" not in out.stderr
 
 
-def test_migrations_run_in_version_order(tmp_path: Path) -> None:
-    for name in ("1000_later.sql", "999_earlier.sql", "0100_first.sql"):
-        (tmp_path / name).write_text("SELECT 1;")
-    assert [v for v, _ in discover(tmp_path)] == [100, 999, 1000]
+def test_migrations_run_in_version_order_and_none_may_be_missing(tmp_path: Path) -> None:
+    for v in range(1, 1001):  # 1000_x.sql sorts before 999_x.sql as text
+        (tmp_path / f"{v:03d}_m.sql").write_text("SELECT 1;")
+    assert [v for v, _ in discover(tmp_path)] == list(range(1, 1001))
+    (tmp_path / "004_m.sql").unlink()  # /readyz would never see the schema complete
+    with pytest.raises(ConfigError, match="004 is missing"):
+        discover(tmp_path)
 
 
 async def test_backlog_gauges(pool: asyncpg.Pool[Any]) -> None:
