@@ -22,7 +22,8 @@ BACKLOG_COUNT_CAP = 100_000
 # The oldest wait: of a row due, since it became due; of a row the relay failed to
 # publish, since it was created, because each failure moves its available_at on (a row
 # Redis refuses for ever would otherwise never look older than its backoff, and no alert
-# would see it). The second is served by outbox_refused_idx.
+# would see it). The second is served by outbox_refused_idx. (A delayed task's row that
+# Redis refuses counts its delay too: the row's first due time is not kept.)
 _BACKLOG = """
 SELECT
   (SELECT count(*) FROM (SELECT 1 FROM outbox

@@ -40,7 +40,10 @@ async def enqueue(
     available_at: datetime | None = None,
     event_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
-    """Insert an outbox row and notify the relays; must run inside a transaction."""
+    """Insert an outbox row and notify the relays; must run inside a transaction.
+
+    TypeError (orjson's JSONEncodeError) for a payload or headers JSON cannot carry: a
+    non-string key, an integer beyond 64 bits, a lone surrogate."""
     if not conn.is_in_transaction():
         raise RuntimeError("enqueue() must run inside the transaction of the business write")
     # The envelope carries both as JSON objects; anything else could never be decoded
