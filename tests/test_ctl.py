@@ -676,6 +676,12 @@ def _prompted_replay(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]
         chunk = os.read(proc.stderr.fileno(), 4096)
         assert chunk, f"ended before asking: {seen!r}"
         seen += chunk
+    # As a person answers: once it waits (asleep, in its event loop), not within the
+    # microseconds between the prompt's write and that wait.
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] != "S":
+        assert time.monotonic() < deadline, "never waited for an answer"
+        time.sleep(0.01)
     return proc, master
 
 
