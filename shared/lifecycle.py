@@ -55,9 +55,26 @@ FINISH_UNCUT_SECONDS = 5.0
 _uncut: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
+_spent: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
 def finishing_uncut(task: asyncio.Task[Any]) -> bool:
     """`task` is inside finish_uncut(): its cancellation waits for the step's end."""
     return task in _uncut
+
+
+def spend_cancellation() -> None:
+    """The running task caught a cancellation and returns all the same because its work
+    is done (an email sent and recorded): it says so here, and its worker counts the run a
+    success although its timeout fired. A handler that returns after a cancellation
+    without saying so is taken as timed out, since it may have stopped half way."""
+    task = asyncio.current_task()
+    if task is not None:
+        _spent.add(task)
+
+
+def cancellation_spent(task: asyncio.Task[Any]) -> bool:
+    return task in _spent
 
 
 async def finish_uncut(aw: Coroutine[Any, Any, T]) -> tuple[T, bool]:
@@ -86,6 +103,8 @@ async def finish_uncut(aw: Coroutine[Any, Any, T]) -> tuple[T, bool]:
             _uncut.discard(me)
     if cancelled and (task.cancelled() or task.exception() is not None):
         raise asyncio.CancelledError() from (None if task.cancelled() else task.exception())
+    if cancelled:
+        spend_cancellation()
     return task.result(), cancelled
 
 

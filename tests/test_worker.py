@@ -34,6 +34,7 @@ from shared.constants import (
     stream_key,
 )
 from shared.errors import PermanentError
+from shared.lifecycle import spend_cancellation
 from shared.outbox import enqueue
 from tests.helpers import eventually, worker_settings
 from worker_service import consumer as consumer_mod
@@ -118,6 +119,20 @@ class Recorder:
             except asyncio.CancelledError:
                 await asyncio.sleep(1)  # cleanup that outlives the deadline
                 raise
+
+        @self.router.handler("returns_on_cancel", timeout=0.2)
+        async def returns_on_cancel(ctx: TaskContext) -> None:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                return  # stops half way, and says nothing
+
+        @self.router.handler("done_on_cancel", timeout=0.2)
+        async def done_on_cancel(ctx: TaskContext) -> None:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                spend_cancellation()  # its work is done (as an email sent and recorded)
 
         @self.router.handler("own_timeout", timeout=5)
         async def own_timeout(ctx: TaskContext) -> None:
@@ -478,6 +493,26 @@ async def test_a_handler_masking_its_timeout_still_counts_as_timed_out(
     errors = sorted(d["error"] for d in await dead_letters(redis))
     # The worker's timeout says so; a handler's own TimeoutError keeps its message.
     assert errors == ["TimeoutError: SMTP server did not answer", "timed out after 0.2s"]
+
+
+async def test_a_handler_returning_after_its_timeout_is_done_only_if_it_says_so(
+    redis: aioredis.Redis, pool: asyncpg.Pool[Any], publish: Any, make_worker: MakeWorker
+) -> None:
+    """Returning after its timeout's cancellation, a handler may have stopped half way:
+    timed out, as before. One that says its work is done (spend_cancellation(), as the
+    email handler does once the server took the message and it is recorded) is done."""
+    (half_way,) = await publish(1, task="returns_on_cancel")
+    (done,) = await publish(1, task="done_on_cancel", start=1)
+    worker = make_worker(max_attempts=1)
+    await worker.setup()
+    assert await worker.run_once() == 2
+    (dead,) = await dead_letters(redis)
+    assert (dead["event_id"], dead["error"]) == (half_way, "timed out after 0.2s")
+    completed = await pool.fetchval(
+        "SELECT completed_at IS NOT NULL FROM outbox WHERE event_id = $1", done
+    )
+    assert completed
+    assert await pending_count(redis) == 0
 
 
 async def test_crashed_workers_entries_are_taken_over_after_visibility_timeout(

@@ -44,6 +44,7 @@ from shared.lifecycle import (
     STOP_FLOOR_SECONDS,
     backoff_delay,
     cancel_requested,
+    cancellation_spent,
     finish_anyway,
     finishing_uncut,
 )
@@ -706,11 +707,12 @@ class Worker:
             if entry.id in self._timed_out:
                 # The sweeper's cancellation, however the handler ended: take it back. A
                 # cancellation from elsewhere (the end of a shutdown's grace) still stands.
-                # A handler that returned all the same finished its work, late (one that
-                # finishes a step uncut, an email the server took and its record): done.
+                # A handler that returned all the same, saying its work was done (an email
+                # the server took, and its record: spend_cancellation()), is done, late;
+                # one that returned without saying so may have stopped half way.
                 self._timed_out.discard(entry.id)
                 metrics.OVERDUE.set(len(self._timed_out))
-                timed_out = not returned
+                timed_out = not (returned and cancellation_spent(task))
                 if task.uncancel() > 0:
                     raise asyncio.CancelledError
         ended = time.perf_counter()

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 import aiosmtplib
 
 from shared.errors import ConfigError, PermanentError, RetryableError
-from shared.lifecycle import finish_uncut
+from shared.lifecycle import finish_uncut, spend_cancellation
 
 # QUIT comes after the send is recorded: its answer is not waited for longer than this.
 QUIT_WITHIN_SECONDS = 5.0
@@ -113,6 +113,7 @@ class Mailer:
             # Spent here: the message is out and recorded, and ending at once (the socket
             # closed) is what the canceller wants.
             client.close()
+            spend_cancellation()
 
     async def _deliver(
         self,
