@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import email.policy
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -132,10 +134,9 @@ async def test_the_dev_mailbox_tool_finds_the_link_that_a_grep_does_not(
     await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4()), "jose"))
     await verify_app.send_verify_email(context(pool, redis, state, str(uuid.uuid4())))
     jose, alice = smtp_sink.messages()
-    # The name is one display name: formataddr() made "José" one address and
-    # attacker@evil.test another, which a mail client showed.
+    # One address: formataddr() made "José" one and attacker@evil.test another.
     assert [(a.display_name, a.addr_spec) for a in jose["To"].addresses] == [
-        ("José <attacker@evil.test>, Núñez", "jose@example.com")
+        ("José attacker evil test Núñez", "jose@example.com")
     ]
     (raw,) = [p for p in smtp_sink.directory.glob("*.eml") if b"jose@" in p.read_bytes()]
     assert verify_link(jose) not in raw.read_text()  # what a grep of the file misses
@@ -145,6 +146,36 @@ async def test_the_dev_mailbox_tool_finds_the_link_that_a_grep_does_not(
     assert capsys.readouterr().out == verify_link(alice) + "\n"
     assert devstack_mail.main(["--dir", str(smtp_sink.directory), "--to", "bob@example.com"]) == 1
     assert "no verification email to bob@example.com" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Bob <attacker@evil.test>, " + "y" * 70,  # folded: the quotes were dropped
+        "José <attacker@evil.test>, Núñez",  # an encoded word, then the rest unquoted
+        "<" * 100,
+        ("ab, " * 30)[:100],
+        "\\" * 100,
+        'O"Brien, Ö',
+        "名前 " * 30,
+    ],
+)
+def test_the_to_header_names_one_address_whatever_the_name(name: str) -> None:
+    cfg = verify_app.VerifyEmailSettings(
+        SMTP_URL="smtp://localhost", PUBLIC_BASE_URL="http://x.test"
+    )
+    msg = verify_app.build_message(
+        cfg,
+        to="bob@example.com",
+        full_name=name,
+        link="http://x.test/l",
+        message_id=1,
+        event_id="e",
+    )
+    parsed = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+    (address,) = parsed["To"].addresses
+    assert address.addr_spec == "bob@example.com"
+    assert name in text_part(msg)  # the text greets the person with the name as given
 
 
 async def test_redelivery_after_success_sends_nothing(

@@ -16,6 +16,7 @@ emails at once: each send holds its connection.
 from __future__ import annotations
 
 import logging
+import re
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
@@ -77,10 +78,7 @@ def build_message(
     sender_domain = parseaddr(cfg.mail_from)[1].rpartition("@")[2] or "localhost"
     msg = EmailMessage()
     msg["From"] = cfg.mail_from
-    # An Address, not formataddr(): a name beyond ASCII with "<", "," or '"' in it (the API
-    # takes them) came out as an encoded word followed by the rest unquoted, which a mail
-    # client read as another address ("José <attacker@evil.test>" showed attacker@...).
-    msg["To"] = Address(display_name=full_name, addr_spec=to)
+    msg["To"] = Address(display_name=header_name(full_name), addr_spec=to)
     msg["Subject"] = "Confirm your email address"
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = f"<verify-email.{message_id}.{event_id}@{sender_domain}>"
@@ -104,6 +102,21 @@ def build_message(
     msg.set_content(text, cte=_cte(text))
     msg.add_alternative(html, subtype="html", cte=_cte(html))
     return msg
+
+
+# What a display name may not carry into the To header (RFC 5322's specials, whitespace).
+_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."\s]+')
+HEADER_NAME_MAX = 64
+
+
+def header_name(full_name: str) -> str:
+    """The name as the To header shows it: RFC 5322's specials replaced by spaces, at most
+    HEADER_NAME_MAX characters. The API takes "<", "," and quotes in a name, and the
+    standard library's header folding drops the quotes around a long display name (3.11),
+    so "Bob <attacker@evil.test>, yyy…" came out as two addresses, the first an attacker's,
+    for a mail client to show. The email's text greets the person with the name as given.
+    """
+    return _SPECIALS.sub(" ", full_name).strip()[:HEADER_NAME_MAX].strip()
 
 
 def _cte(body: str) -> str:
