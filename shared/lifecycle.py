@@ -77,6 +77,12 @@ def cancellation_spent(task: asyncio.Task[Any]) -> bool:
     return task in _spent
 
 
+def forget_spent(task: asyncio.Task[Any]) -> None:
+    """Before cancelling `task`: a cancellation it spent before (an asyncio.timeout() of
+    its own during a send) says nothing about this one."""
+    _spent.discard(task)
+
+
 async def finish_uncut(aw: Coroutine[Any, Any, T]) -> tuple[T, bool]:
     """Run `aw` to its end even if the caller is cancelled meanwhile: a step that must not
     be cut in the middle (an email the SMTP server may have taken is recorded before

@@ -127,6 +127,14 @@ class Recorder:
             except asyncio.CancelledError:
                 return  # stops half way, and says nothing
 
+        @self.router.handler("spent_before", timeout=0.2)
+        async def spent_before(ctx: TaskContext) -> None:
+            spend_cancellation()  # as after an asyncio.timeout() of its own, earlier
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                return  # the worker's timeout: stops half way, and says nothing
+
         @self.router.handler("done_on_cancel", timeout=0.2)
         async def done_on_cancel(ctx: TaskContext) -> None:
             try:
@@ -503,11 +511,13 @@ async def test_a_handler_returning_after_its_timeout_is_done_only_if_it_says_so(
     email handler does once the server took the message and it is recorded) is done."""
     (half_way,) = await publish(1, task="returns_on_cancel")
     (done,) = await publish(1, task="done_on_cancel", start=1)
+    (spent_earlier,) = await publish(1, task="spent_before", start=2)
     worker = make_worker(max_attempts=1)
     await worker.setup()
-    assert await worker.run_once() == 2
-    (dead,) = await dead_letters(redis)
-    assert (dead["event_id"], dead["error"]) == (half_way, "timed out after 0.2s")
+    assert await worker.run_once() == 3
+    dead = {d["event_id"]: d["error"] for d in await dead_letters(redis)}
+    # A cancellation spent before the worker's own says nothing about it.
+    assert dead == {half_way: "timed out after 0.2s", spent_earlier: "timed out after 0.2s"}
     completed = await pool.fetchval(
         "SELECT completed_at IS NOT NULL FROM outbox WHERE event_id = $1", done
     )

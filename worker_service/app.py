@@ -15,6 +15,7 @@ emails at once: each send holds its connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from email.headerregistry import Address
@@ -150,8 +151,11 @@ async def send_verify_email(ctx: TaskContext) -> None:
         try:
             email_id = await _send_in(tx, conn, ctx, cfg, mailer, username)
         finally:
-            if conn.is_in_transaction():
-                await tx.rollback()
+            # Not over a connection gone (a pool closed at exit): its failure would hide
+            # the error or cancellation that brought the handler here.
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                if conn.is_in_transaction():
+                    await tx.rollback()
     if email_id is not None:
         logger.info("verify_email_sent", extra={"event_id": ctx.event_id, "email_id": email_id})
 

@@ -47,6 +47,7 @@ from shared.lifecycle import (
     cancellation_spent,
     finish_anyway,
     finishing_uncut,
+    forget_spent,
 )
 from shared.logs import request_id_var
 from shared.outbox import dead_letter_error
@@ -769,6 +770,8 @@ class Worker:
                 if deadline <= now:
                     self._timed_out.add(entry_id)
                     metrics.OVERDUE.set(len(self._timed_out))
+                    # Only a cancellation spent after this one says the work is done.
+                    forget_spent(task)
                     task.cancel()
                     self._handler_over(entry_id)
                 else:
