@@ -25,6 +25,7 @@ from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
 from relay.settings import RelaySettings
+from shared.connections import create_pool
 from shared.constants import (
     CONSUMER_GROUP,
     RETRY_PARKING_CONSUMER,
@@ -899,7 +900,7 @@ async def test_a_stop_keeps_its_grace_while_an_acknowledgement_hangs(
     stalled = StalledCompletions(pool)
     await publish(1)
     worker = make_worker()
-    worker.pool = stalled  # type: ignore[assignment]
+    worker.bookkeeping = stalled  # type: ignore[assignment]
     await worker.start()
     await eventually(lambda: _is(len(rec.calls) == 1))
     await asyncio.sleep(0.1)  # the ack loop is in its flush
@@ -1321,6 +1322,47 @@ async def test_a_handler_that_ignores_its_timeout_shows_in_a_gauge(
         await eventually(lambda: _is(REGISTRY.get_sample_value("worker_handlers_overdue") == 0))
 
 
+async def test_completions_are_recorded_while_handlers_hold_every_connection(
+    pool: asyncpg.Pool[Any],
+    pg_server: PostgresServer,
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+) -> None:
+    """A handler holds the handlers' only connection through its work (as the email
+    handler does through SMTP): the entries that finished meanwhile are recorded and
+    acknowledged on the worker's own connections, not after it lets go."""
+    handlers_pool = await create_pool(pg_server.dsn, min_size=1, max_size=1)
+    release = asyncio.Event()
+
+    @rec.router.handler("holds_conn", timeout=30)
+    async def holds_conn(ctx: TaskContext) -> None:
+        async with ctx.pool.acquire():
+            await release.wait()
+
+    await publish(1, task="holds_conn")
+    await publish(3, start=1)
+    worker = make_worker(concurrency=8)
+    worker.pool = handlers_pool
+    try:
+        async with running(worker, rec):
+            await eventually(lambda: _is(len(rec.calls) == 3))
+
+            async def recorded() -> bool:
+                done = await pool.fetchval(
+                    "SELECT count(*) FROM outbox WHERE completed_at IS NOT NULL"
+                )
+                return bool(done == 3)
+
+            await eventually(recorded, timeout=5)
+            assert await pending_count(redis) == 1  # only the one still holding
+            release.set()
+    finally:
+        release.set()
+        await handlers_pool.close()
+
+
 async def test_a_held_orphan_runs_as_soon_as_the_last_live_handler_ends(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
@@ -1407,7 +1449,7 @@ async def test_a_stop_keeps_its_grace_when_a_second_batch_waits_behind_a_hung_fl
     await publish(2)
     rec.sleep_for = {"1": 0.3}  # completes after the first flush has started (and hung)
     worker = make_worker()
-    worker.pool = stalled  # type: ignore[assignment]
+    worker.bookkeeping = stalled  # type: ignore[assignment]
     await worker.start()
     await eventually(lambda: _is(len(rec.calls) == 2 and rec.running == 0))
     await asyncio.sleep(0.1)
@@ -1434,7 +1476,7 @@ async def test_a_slow_completion_flush_keeps_its_entries_claimed(
     stalled = StalledCompletions(pool)
     await publish(1)
     w1 = make_worker(visibility_timeout_seconds=0.6)
-    w1.pool = stalled  # type: ignore[assignment]
+    w1.bookkeeping = stalled  # type: ignore[assignment]
     await w1.start()
     await eventually(lambda: _is(len(rec.calls) == 1))
     w2 = make_worker(consumer_name="w2", visibility_timeout_seconds=0.6)
@@ -1550,7 +1592,7 @@ async def test_an_orphan_that_ended_alone_is_not_blamed_when_its_completion_is_l
     await publish(1)
     await delivered_to(redis, "dead", 1)
     w1 = make_worker(visibility_timeout_seconds=0.3, max_attempts=1)
-    w1.pool = StalledCompletions(pool, refuse=True)  # type: ignore[assignment]
+    w1.bookkeeping = StalledCompletions(pool, refuse=True)  # type: ignore[assignment]
     await w1.start()
     await eventually(lambda: _is(("0", 2) in rec.calls and rec.running == 0), timeout=5)
     await asyncio.sleep(0.1)  # its completion fails to be recorded

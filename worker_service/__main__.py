@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from shared import entrypoint
 from shared.connections import (
@@ -20,6 +21,9 @@ from worker_service.maintenance import WorkerMaintenance, refresh_gauges
 from worker_service.router import Router, load_app
 from worker_service.settings import WorkerSettings
 
+# Connections of the worker's own, beside DB_POOL_SIZE for its handlers.
+BOOKKEEPING_CONNECTIONS = 2
+
 
 async def serve(cfg: WorkerSettings, router: Router) -> None:
     # Custom plans: the batched completion UPDATE must not keep a plan made for an empty
@@ -30,11 +34,15 @@ async def serve(cfg: WorkerSettings, router: Router) -> None:
         custom_plans=True,
         idle_in_transaction_seconds=WORKER_IDLE_IN_TRANSACTION_SECONDS,
     )
+    # The worker's own writes, on connections no handler holds (Worker.bookkeeping).
+    bookkeeping = await create_pool(
+        cfg.database_url, min_size=1, max_size=BOOKKEEPING_CONNECTIONS, custom_plans=True
+    )
     # Its reads block for up to block_ms: the socket timeout counts from there.
     redis = create_redis(
         cfg.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS + cfg.block_ms / 1000
     )
-    worker = Worker(router, pool, redis, cfg)
+    worker = Worker(router, pool, redis, cfg, bookkeeping=bookkeeping)
     maintenance = WorkerMaintenance(
         worker.queue,
         cfg.consumer_name,
@@ -51,7 +59,7 @@ async def serve(cfg: WorkerSettings, router: Router) -> None:
 
     async def close(within: float) -> None:
         await redis.aclose()
-        await close_pool(pool, within)
+        await asyncio.gather(close_pool(pool, within), close_pool(bookkeeping, within))
 
     await run_until_signalled([probe, worker, maintenance], cfg.shutdown_grace_seconds, close)
 

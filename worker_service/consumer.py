@@ -88,9 +88,15 @@ class Worker:
         pool: asyncpg.Pool[Any],
         redis: aioredis.Redis,
         settings: WorkerSettings,
+        *,
+        bookkeeping: asyncpg.Pool[Any] | None = None,
     ) -> None:
         self.router = router
-        self.pool = pool
+        self.pool = pool  # the handlers'
+        # The worker's own writes (completions, dead-letter marks), apart from the pool the
+        # handlers hold through their work (the email handler through SMTP): with every
+        # handler connection taken, they would wait behind the handlers queued for one.
+        self.bookkeeping = bookkeeping or pool
         self.redis = redis
         # What handlers get: the same pool, their commands in one turn sent as one pipeline.
         self.handler_redis = AutoPipelineRedis(connection_pool=redis.connection_pool)
@@ -796,7 +802,7 @@ class Worker:
         async def record() -> None:
             # Postgres first: the reconciler must not publish again an event given up on.
             if event_id is not None:
-                await self.pool.execute(
+                await self.bookkeeping.execute(
                     _MARK_DEAD, event_id, dead_letter_error(reason, error), entry.id
                 )
             await self.queue.dead_letter(
@@ -828,7 +834,7 @@ class Worker:
         try:
             event_ids = [eid for _, eid in batch if eid]
             if event_ids:
-                await self.pool.execute(_MARK_COMPLETED, event_ids)
+                await self.bookkeeping.execute(_MARK_COMPLETED, event_ids)
             await self.queue.ack(ids)
         except BaseException:
             self._acks[:0] = batch
