@@ -10,13 +10,13 @@ when a name is beyond ASCII, and a grep of the .eml files then finds no link.
 from __future__ import annotations
 
 import argparse
-import email
-import email.policy
 import re
 import sys
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
+
+from devstack.smtp_sink import stored
 
 _LINK = re.compile(r"https?://\S+/v1/verify_email\?\S+")
 
@@ -35,12 +35,9 @@ def verification_link(msg: EmailMessage) -> str | None:
 
 
 def mailbox(directory: Path) -> list[Mailed]:
-    """Every email in the sink's folder with a verification link, oldest first (the sink
-    names its files by the time they arrived)."""
+    """Every email in the sink's folder with a verification link, oldest first."""
     out = []
-    for path in sorted(directory.glob("*.eml")):
-        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-        assert isinstance(msg, EmailMessage)
+    for path, msg in stored(directory):
         link = verification_link(msg)
         addresses = getattr(msg["To"], "addresses", ())  # parsed, as a mail client does
         if link is not None and addresses:

@@ -124,11 +124,18 @@ class SmtpSink:
         self.controller.start()
 
     def messages(self) -> list[EmailMessage]:
-        out = []
-        for path in sorted(self.directory.glob("*.eml")):
-            msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-            out.append(msg)
-        return out
+        return [msg for _path, msg in stored(self.directory)]
+
+
+def stored(directory: Path) -> list[tuple[Path, EmailMessage]]:
+    """The messages a sink stored in `directory`, oldest first (their files are named by
+    the time they arrived), each with its file."""
+    out = []
+    for path in sorted(directory.glob("*.eml")):
+        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        out.append((path, msg))
+    return out
 
 
 def _free_port() -> int:

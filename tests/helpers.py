@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from email.message import EmailMessage
@@ -12,13 +11,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from devstack.mail import verification_link
 from devstack.postgres import PostgresServer
 from devstack.procs import free_port, wait_for_port
 from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
 from worker_service.settings import WorkerSettings
-
-LINK = re.compile(r"https?://\S+/v1/verify_email\?\S+")
 
 
 @contextlib.contextmanager
@@ -59,9 +57,9 @@ def text_part(msg: EmailMessage) -> str:
 
 
 def verify_link(msg: EmailMessage) -> str:
-    m = LINK.search(text_part(msg))
-    assert m, "no verification link in the email"
-    return m.group(0)
+    link = verification_link(msg)
+    assert link, "no verification link in the email"
+    return link
 
 
 def link_params(link: str) -> dict[str, str]:
