@@ -19,12 +19,16 @@ from shared.lifecycle import Loop
 # Counting stops here, so the gauge query costs the same however large the backlog is.
 BACKLOG_COUNT_CAP = 100_000
 
+# A row the relay failed to publish (Redis refused it) and has not published since; the
+# predicate of outbox_refused_idx (sql/005), which serves it, and of outboxctl status.
+REFUSED_ROWS = "published_at IS NULL AND last_error IS NOT NULL AND dead_lettered_at IS NULL"
+
 # The oldest wait: of a row due, since it became due; of a row the relay failed to
 # publish, since it was created, because each failure moves its available_at on (a row
 # Redis refuses for ever would otherwise never look older than its backoff, and no alert
-# would see it). The second is served by outbox_refused_idx. (A delayed task's row that
-# Redis refuses counts its delay too: the row's first due time is not kept.)
-_BACKLOG = """
+# would see it). (A delayed task's row that Redis refuses counts its delay too: the row's
+# first due time is not kept.)
+_BACKLOG = f"""
 SELECT
   (SELECT count(*) FROM (SELECT 1 FROM outbox
                          WHERE published_at IS NULL AND dead_lettered_at IS NULL
@@ -32,10 +36,9 @@ SELECT
   (SELECT extract(epoch FROM now() - available_at) FROM outbox
    WHERE published_at IS NULL AND available_at <= now() AND dead_lettered_at IS NULL
    ORDER BY available_at LIMIT 1) AS oldest_due,
-  (SELECT extract(epoch FROM now() - created_at) FROM outbox
-   WHERE published_at IS NULL AND last_error IS NOT NULL AND dead_lettered_at IS NULL
+  (SELECT extract(epoch FROM now() - created_at) FROM outbox WHERE {REFUSED_ROWS}
    ORDER BY created_at LIMIT 1) AS oldest_refused
-"""
+"""  # noqa: S608 - built from constants, no input
 
 
 async def refresh_backlog_gauges(pool: asyncpg.Pool[Any]) -> tuple[int, float]:

@@ -41,7 +41,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
-from relay.maintenance import BACKLOG_COUNT_CAP
+from relay.maintenance import BACKLOG_COUNT_CAP, REFUSED_ROWS
 from relay.publisher import refuses_every_write
 from shared.connections import create_pool, create_redis
 from shared.constants import DEFAULT_QUEUE, ENVELOPE_FIELD, RETRY_PARKING_CONSUMER, dedupe_key
@@ -376,7 +376,7 @@ def _say(line: str) -> None:
 # has no index to use: it reads the table, about 160 ms per 3 million rows (a table
 # `OUTBOX_RETENTION_SECONDS` keeps small; an index for one operator count would cost every
 # signup's insert). Counts are for this queue only.
-_STATUS = """
+_STATUS = f"""
 SELECT
   (SELECT count(*) FROM (SELECT 1 FROM outbox
                          WHERE published_at IS NULL AND dead_lettered_at IS NULL
@@ -386,13 +386,10 @@ SELECT
    WHERE published_at IS NULL AND available_at <= now() AND dead_lettered_at IS NULL
      AND queue = $2
    ORDER BY available_at LIMIT 1) AS oldest_due,
-  (SELECT count(*) FROM (SELECT 1 FROM outbox
-                         WHERE published_at IS NULL AND last_error IS NOT NULL
-                           AND dead_lettered_at IS NULL AND queue = $2
+  (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE {REFUSED_ROWS} AND queue = $2
                          LIMIT $1) AS capped) AS refused,
   (SELECT ARRAY[extract(epoch FROM now() - created_at)::text, last_error] FROM outbox
-   WHERE published_at IS NULL AND last_error IS NOT NULL AND dead_lettered_at IS NULL
-     AND queue = $2
+   WHERE {REFUSED_ROWS} AND queue = $2
    ORDER BY created_at LIMIT 1) AS oldest_refused,
   (SELECT count(*) FROM (SELECT 1 FROM outbox
                          WHERE published_at IS NOT NULL AND completed_at IS NULL
@@ -402,7 +399,7 @@ SELECT
                          WHERE dead_lettered_at IS NOT NULL AND completed_at IS NULL
                            AND queue = $2
                          LIMIT $1) AS capped) AS dead_lettered
-"""
+"""  # noqa: S608 - built from constants, no input
 
 
 async def collect_status(session: Session) -> dict[str, Any]:
