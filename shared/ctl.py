@@ -297,16 +297,24 @@ async def _count_bulk(client: Any, key: str, sel: Selection, quiet: bool) -> tup
     if not end:
         return 0, ""
     count, last = 0, ""
-    bar = _progress(await client.xlen(key), quiet, "counting")
+    async for dl in _scan_shown(client, key, quiet, "counting", end=end):
+        if sel.matches(dl):
+            count += 1
+            last = dl.id
+    return count, last
+
+
+async def _scan_shown(
+    client: Any, key: str, quiet: bool, desc: str, *, end: str = "+"
+) -> AsyncIterator[DeadLetter]:
+    """scan_dead(), with a progress bar against the stream's length (on a terminal)."""
+    bar = _progress(await client.xlen(key), quiet, desc)
     try:
         async for dl in scan_dead(client, key, end=end):
             bar.update(1)
-            if sel.matches(dl):
-                count += 1
-                last = dl.id
+            yield dl
     finally:
         bar.close()
-    return count, last
 
 
 async def _iter_selected(
@@ -966,14 +974,9 @@ async def cmd_dead_restore_lost(session: Session, args: argparse.Namespace) -> i
     client: Any = queue.redis
     pool = await session.pool()
     present: set[str] = set()
-    bar = _progress(await client.xlen(queue.dead), args.quiet, "reading dead letters")
-    try:
-        async for dl in scan_dead(client, queue.dead):
-            bar.update(1)
-            if event_id := dl.text("event_id"):
-                present.add(event_id)
-    finally:
-        bar.close()
+    async for dl in _scan_shown(client, queue.dead, args.quiet, "reading dead letters"):
+        if event_id := dl.text("event_id"):
+            present.add(event_id)
     rows = await pool.fetch(_DEAD_LETTERED_ROWS, session.cfg.queue, args.older_than.total_seconds())
     lost = [r["event_id"] for r in rows if r["event_id"] not in present]
     if not lost:
