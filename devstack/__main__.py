@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     env = dict(os.environ)
     ports = {
-        "API_PORT": int(env.get("API_PORT", "8000")),
+        "API_PORT": _port("API_PORT", 8000),
         "DEV_RELAY_METRICS_PORT": _port("DEV_RELAY_METRICS_PORT", 9101),
         "DEV_WORKER_METRICS_PORT": _port("DEV_WORKER_METRICS_PORT", 9102),
     }
