@@ -189,7 +189,12 @@ class Loop(abc.ABC):
         except TimeoutError:
             logger.warning("loop_stop_timeout", extra={"loop": self.name, "grace": grace})
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            # Its cleanup may wait on a server that went silent (asyncpg's ROLLBACK as a
+            # transaction unwinds, up to the 30 s command timeout): not for longer than
+            # the floor. Closing the pool ends such a wait; the entrypoint ends what is left.
+            _done, late = await asyncio.wait([task], timeout=STOP_FLOOR_SECONDS)
+            if late:
+                logger.warning("loop_left_stopping", extra={"loop": self.name})
 
     async def _sleep(self, seconds: float, wakeable: bool = True) -> None:
         """Sleep, cut short by stop(), and by wake() if `wakeable`."""

@@ -390,6 +390,34 @@ class _HidesItsCancellation(Loop):
         return False  # as when redis-py's retry runs the interrupted command again
 
 
+class _SlowToUnwind(Loop):
+    """An iteration that hangs, and whose cleanup hangs too once cancelled: a claim
+    transaction whose backend went silent, and its ROLLBACK (asyncpg waits up to its 30 s
+    command timeout)."""
+
+    name = "slow-to-unwind"
+
+    async def run_once(self) -> bool:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(30)
+            raise
+        return False
+
+
+async def test_a_loop_stop_does_not_wait_out_a_cleanup_that_hangs() -> None:
+    """Seen as the relay stopping 33 s after SIGTERM, its grace 2 s, with Postgres
+    silent: the stop waited for the cancelled claim's ROLLBACK."""
+    loop = _SlowToUnwind()
+    await loop.start()
+    await asyncio.sleep(0.05)
+    t = time.monotonic()
+    await loop.stop(grace=0.2)
+    took = time.monotonic() - t
+    assert took < 0.2 + STOP_FLOOR_SECONDS + 0.5, f"stop took {took:.1f} s"
+
+
 @pytest.mark.expect_loop_failures
 @pytest.mark.parametrize("returns", [False, True])
 async def test_a_loop_whose_cancellation_a_library_hides_still_ends(returns: bool) -> None:
