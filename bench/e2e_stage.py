@@ -28,6 +28,7 @@ from argon2 import PasswordHasher
 from argon2.low_level import Type
 
 from api_service.users import _SIGNUP as SIGNUP_STATEMENT
+from bench import timeline
 from bench.apps import LATENCY_KEY
 from bench.common import (
     Figure,
@@ -637,7 +638,26 @@ async def run(
             b2b = await paired("b2b", b2b_count, b2b_count // 4, 0)
             log(f"  the same through aiohttp's client: {b2b_count} signups to the API")
             b2b_aiohttp = await back_to_back_signups(session, url, b2b_count)
-            await collect_e2e(r, 3 * b2b_count, 10)
+            log(
+                f"  where a signup's time goes: {idle_count} timed signups to the bare server"
+                f" {IDLE_SPACING * 500:.0f} ms apart, then {b2b_count} back to back"
+            )
+            timed_idle, timed_b2b = [
+                timeline.medians_ms(
+                    await asyncio.to_thread(
+                        timeline.timed_signups,
+                        bare_api.port,
+                        [signup_body(f"timed{prefix}_{i}") for i in range(count)],
+                        spacing,
+                    )
+                )
+                for prefix, count, spacing in (
+                    ("idle", idle_count, IDLE_SPACING / 2),
+                    ("b2b", b2b_count, 0),
+                )
+            ]
+            log(f"    {timeline.describe(timed_idle)}; back to back {timeline.describe(timed_b2b)}")
+            await collect_e2e(r, 4 * b2b_count + idle_count, 10)
             meter = stack.cpu_meter(*services)
             windows: list[Window] = []
             for rate in rates:
@@ -785,6 +805,19 @@ async def run(
             f" with synchronous_commit = off ({flushed_idle * 1000:.2f} -"
             f" {unflushed_idle * 1000:.2f} ms; back to back {flushed_b2b * 1000:.2f} -"
             f" {unflushed_b2b * 1000:.2f} ms)",
+        )
+    )
+    res.details |= {"bare_server_timeline_ms": {"idle": timed_idle, "back_to_back": timed_b2b}}
+    res.figures.append(
+        Figure(
+            STAGE,
+            f"bare server: a signup's segments, {IDLE_SPACING * 500:.0f} ms apart (sum of medians)",
+            sum(timed_idle.values()),
+            "ms",
+            sum(timed_b2b.values()),
+            "the same, back to back",
+            note=f"where the time goes (bench.timeline): {timeline.describe(timed_idle)};"
+            f" back to back {timeline.describe(timed_b2b)}",
         )
     )
     res.figures.append(

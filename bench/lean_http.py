@@ -28,6 +28,8 @@ class Answer:
     status: int  # NO_ANSWER if none came
     seconds: float  # from the request's first byte sent to the answer's last byte read
     arrived: float  # time.time() when the answer's last byte was read (or the failure)
+    sent: float = 0.0  # time.perf_counter() when the request's first byte went out
+    body: bytes = b""  # the answer's body (empty if none came)
 
 
 class LeanClient:
@@ -71,11 +73,11 @@ class LeanClient:
                 started = time.perf_counter()  # the connect is not the request's time
             self._sock.sendall(request)
             status, length, close = self._read_head()
-            self._read_exactly(length)
+            body = self._read_exactly(length)
         except (OSError, LeanHTTPError, ValueError, IndexError):  # the last two: a bad head
             self.close()
-            return Answer(NO_ANSWER, time.perf_counter() - started, time.time())
-        answer = Answer(status, time.perf_counter() - started, time.time())
+            return Answer(NO_ANSWER, time.perf_counter() - started, time.time(), started)
+        answer = Answer(status, time.perf_counter() - started, time.time(), started, body)
         if close:
             self.close()
         return answer
@@ -102,10 +104,11 @@ class LeanClient:
             raise LeanHTTPError(f"answer {status} without Content-Length")
         return status, int(headers[b"content-length"]), headers.get(b"connection") == b"close"
 
-    def _read_exactly(self, n: int) -> None:
+    def _read_exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
             self._recv()
-        self._buf = self._buf[n:]
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
 
 
 def interleaved(

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from bench.common import REPO
+from bench.timeline import SEGMENTS
 
 
 @pytest.mark.timeout(600)
@@ -56,6 +57,11 @@ def test_quick_bench_reports_every_stage_against_its_baselines(tmp_path: Path) -
     labels = {f["target_label"] for f in figures}
     for target in (">= 25,000/s", ">= 8,000/s", "< 3 ms", "< 1 ms", "p99 <= 10 ms"):
         assert target in labels, (target, labels)
+    # The bare server's signups split at each hand-over, on one clock: none runs backwards.
+    timeline = doc["details"]["e2e"]["bare_server_timeline_ms"]
+    for when in ("idle", "back_to_back"):
+        assert list(timeline[when]) == list(SEGMENTS)
+        assert all(0 <= ms < 1000 for ms in timeline[when].values()), timeline
     # Progress on stderr, the table on stdout, and the plot.
     assert "stage 1: relay drain" in run.stderr
     assert "figures," in run.stdout and "targets missed" in run.stdout

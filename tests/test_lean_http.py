@@ -82,29 +82,33 @@ async def test_requests_on_one_connection_each_read_to_its_end(
 ) -> None:
     port, seen = server
 
-    def three() -> list[int]:
+    def three() -> list[Answer]:
         with LeanClient(port) as client:
-            return [client.post_json("/echo", b).status for b in (b"a" * 70_000, b"", b"bc")]
+            return [client.post_json("/echo", b) for b in (b"a" * 70_000 + b"z", b"", b"bc")]
 
     # A 70 kB answer spans several reads; the next answer is read from where it ends.
-    assert await asyncio.to_thread(three) == [201, 422, 201]
-    assert seen == [b"a" * 70_000, b"", b"bc"]
+    answers = await asyncio.to_thread(three)
+    assert [a.status for a in answers] == [201, 422, 201]
+    assert [a.body for a in answers] == [b"z" + b"a" * 70_000, b"", b"cb"]
+    assert seen == [b"a" * 70_000 + b"z", b"", b"bc"]
 
 
 async def test_the_clock_runs_to_the_answers_last_byte(server: tuple[int, list[bytes]]) -> None:
     port, _ = server
 
-    def timed() -> tuple[float, Answer, float]:
+    def timed() -> tuple[float, float, Answer, float, float]:
         with LeanClient(port) as client:
             client.post_json("/echo", b"warm")
-            before = time.time()
+            before, tick = time.time(), time.perf_counter()
             answer = client.post_json("/slow", b"x")
-            return before, answer, time.time()
+            return before, tick, answer, time.perf_counter(), time.time()
 
-    before, answer, after = await asyncio.to_thread(timed)
+    before, tick, answer, tock, after = await asyncio.to_thread(timed)
     assert answer.status == 201
     assert SLOW <= answer.seconds <= after - before
     assert before + SLOW <= answer.arrived <= after
+    # The send's time is on time.perf_counter()'s clock, the one a server's marks use.
+    assert tick <= answer.sent and answer.sent + answer.seconds <= tock
 
 
 async def test_interleaved_sends_chunks_to_each_target_in_turn_with_the_spacing(
