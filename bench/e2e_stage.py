@@ -608,18 +608,29 @@ async def run(
                     session, api.port, bare_api.port, prefix, count, chunk, spacing
                 )
 
+            async def timed(prefix: str, count: int, spacing: float) -> dict[str, float]:
+                bodies = [signup_body(f"timed{prefix}_{i}") for i in range(count)]
+                answers = await asyncio.to_thread(
+                    timeline.timed_signups, bare_api.port, bodies, spacing
+                )
+                ms = timeline.medians_ms(answers)
+                log(f"    {prefix}: {timeline.describe(ms)}")
+                return ms
+
             log(
                 f"  API alone (relay and worker not started): {b2b_count} signups to each"
                 " of the API and the bare server back to back (lean client)"
             )
             alone = await paired("alone", b2b_count, b2b_count // 4, 0)
+            log(f"  where a signup's time goes: {b2b_count} timed signups to the bare server")
+            timed_alone = await timed("alone", b2b_count, 0)
             relay.start()
             worker.start()
             await relay.wait_healthy()
             await worker.wait_healthy()
             idle_mem |= {s.name: s.memory()[0] for s in (relay, worker)}
             # Let the listener connect, the first polls pass and the backlog drain.
-            await collect_e2e(r, 2 * (WARMUP + b2b_count), 10)
+            await collect_e2e(r, 2 * (WARMUP + b2b_count) + b2b_count, 10)
             await asyncio.sleep(1.0)
             if profile_dir is not None:
                 for s in services:
@@ -642,21 +653,8 @@ async def run(
                 f"  where a signup's time goes: {idle_count} timed signups to the bare server"
                 f" {IDLE_SPACING * 500:.0f} ms apart, then {b2b_count} back to back"
             )
-            timed_idle, timed_b2b = [
-                timeline.medians_ms(
-                    await asyncio.to_thread(
-                        timeline.timed_signups,
-                        bare_api.port,
-                        [signup_body(f"timed{prefix}_{i}") for i in range(count)],
-                        spacing,
-                    )
-                )
-                for prefix, count, spacing in (
-                    ("idle", idle_count, IDLE_SPACING / 2),
-                    ("b2b", b2b_count, 0),
-                )
-            ]
-            log(f"    {timeline.describe(timed_idle)}; back to back {timeline.describe(timed_b2b)}")
+            timed_idle = await timed("idle", idle_count, IDLE_SPACING / 2)
+            timed_b2b = await timed("b2b", b2b_count, 0)
             await collect_e2e(r, 4 * b2b_count + idle_count, 10)
             meter = stack.cpu_meter(*services)
             windows: list[Window] = []
@@ -807,8 +805,14 @@ async def run(
             f" {unflushed_b2b * 1000:.2f} ms)",
         )
     )
-    res.details |= {"bare_server_timeline_ms": {"idle": timed_idle, "back_to_back": timed_b2b}}
-    res.figures.append(
+    res.details |= {
+        "bare_server_timeline_ms": {
+            "alone_back_to_back": timed_alone,
+            "idle": timed_idle,
+            "back_to_back": timed_b2b,
+        }
+    }
+    res.figures += [
         Figure(
             STAGE,
             f"bare server: a signup's segments, {IDLE_SPACING * 500:.0f} ms apart (sum of medians)",
@@ -818,8 +822,17 @@ async def run(
             "the same, back to back",
             note=f"where the time goes (bench.timeline): {timeline.describe(timed_idle)};"
             f" back to back {timeline.describe(timed_b2b)}",
-        )
-    )
+        ),
+        Figure(
+            STAGE,
+            "bare server: a signup's segments, API alone, back to back (sum of medians)",
+            sum(timed_alone.values()),
+            "ms",
+            sum(timed_b2b.values()),
+            "the same with the relay and worker running",
+            note=f"relay and worker not started: {timeline.describe(timed_alone)}",
+        ),
+    ]
     res.figures.append(
         Figure(
             STAGE,

@@ -59,7 +59,7 @@ def test_quick_bench_reports_every_stage_against_its_baselines(tmp_path: Path) -
         assert target in labels, (target, labels)
     # The bare server's signups split at each hand-over, on one clock: none runs backwards.
     timeline = doc["details"]["e2e"]["bare_server_timeline_ms"]
-    for when in ("idle", "back_to_back"):
+    for when in ("alone_back_to_back", "idle", "back_to_back"):
         assert list(timeline[when]) == list(SEGMENTS)
         assert all(0 <= ms < 1000 for ms in timeline[when].values()), timeline
     # Progress on stderr, the table on stdout, and the plot.
