@@ -23,8 +23,8 @@ from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
 from relay.publisher import RelayLoop
 from relay.settings import RelaySettings
-from shared.connections import close_pool, create_pool
-from shared.constants import TASK_SEND_VERIFY_EMAIL
+from shared.connections import DbConn, close_pool, create_pool
+from shared.constants import TASK_SEND_VERIFY_EMAIL, dead_letter_key
 from shared.envelope import Envelope
 from shared.errors import ConfigError, PermanentError, RetryableError
 from shared.lifecycle import FINISH_UNCUT_SECONDS
@@ -673,3 +673,50 @@ async def test_a_stop_while_the_server_takes_the_message_sends_one_email(
     finally:
         await second.stop()
     assert took < 0.5 + 0.5 + FINISH_UNCUT_SECONDS + 2, f"the stop took {took:.1f} s"
+
+
+class SlowRelease:
+    """The pool, but its connections take `seconds` to be handed back: the release comes
+    after the email is sent and recorded, and a timeout or a stop can land in it."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], seconds: float) -> None:
+        self._pool = pool
+        self._seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[DbConn]:
+        conn = await self._pool.acquire()
+        try:
+            yield conn
+        finally:
+            try:
+                await asyncio.sleep(self._seconds)
+            finally:
+                await asyncio.shield(self._pool.release(conn))
+
+
+async def test_a_timeout_after_the_send_while_the_connection_goes_back_counts_it_done(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    smtp_sink: SmtpSink,
+    signup_event: str,
+    make_verify_worker: Callable[..., Worker],
+) -> None:
+    """The handler's timeout (1 s) fires while its connection goes back to the pool (2 s
+    here), on the event's only attempt, after the email was sent and its record committed:
+    the run counts as done. It counted as timed out, and the event was dead-lettered with
+    its email delivered (a replay would then send nothing)."""
+    worker = make_verify_worker(verify_router(timeout=1), on=SlowRelease(pool, 2.0), max_attempts=1)
+    await worker.start()
+    try:
+        await one_recorded_email(pool, smtp_sink, signup_event)
+    finally:
+        await worker.stop()
+    assert await redis.xlen(dead_letter_key()) == 0
+    dead = await pool.fetchval(
+        "SELECT dead_lettered_at FROM outbox WHERE event_id = $1", signup_event
+    )
+    assert dead is None

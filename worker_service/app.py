@@ -15,6 +15,7 @@ emails at once: each send holds its connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -35,6 +36,7 @@ from shared.addresses import ascii_address
 from shared.connections import DbConn
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from shared.errors import PermanentError, RetryableError
+from shared.lifecycle import spend_cancellation
 from shared.settings import HttpUrl, SmtpUrl
 from shared.verification import hash_code, new_code
 from worker_service.mailer import Mailer, SmtpConfig
@@ -144,18 +146,29 @@ async def send_verify_email(ctx: TaskContext) -> None:
     username = ctx.payload.get("username")
     if not isinstance(username, str):
         raise PermanentError("payload has no username")
-    async with ctx.pool.acquire() as conn:
-        # Committed by the send's record, before QUIT (Mailer.send); rolled back otherwise.
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            email_id = await _send_in(tx, conn, ctx, cfg, mailer, username)
-        finally:
-            # Not over a connection gone (a pool closed at exit): its failure would hide
-            # the error or cancellation that brought the handler here.
-            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
-                if conn.is_in_transaction():
-                    await tx.rollback()
+    finished = False
+    try:
+        async with ctx.pool.acquire() as conn:
+            # Committed by the send's record, before QUIT (Mailer.send); rolled back otherwise.
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                email_id = await _send_in(tx, conn, ctx, cfg, mailer, username)
+                finished = True
+            finally:
+                # Not over a connection gone (a pool closed at exit): its failure would
+                # hide the error or cancellation that brought the handler here.
+                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                    if conn.is_in_transaction():
+                        await tx.rollback()
+    except asyncio.CancelledError:
+        if not finished:
+            raise
+        # The email is sent and recorded (or none was needed); only the connection's
+        # hand-back was left, which the pool completes under a shield. A timeout or a
+        # stop landing there must not count the run failed: on the last attempt that
+        # dead-lettered an email delivered.
+        spend_cancellation()
     if email_id is not None:
         logger.info("verify_email_sent", extra={"event_id": ctx.event_id, "email_id": email_id})
 
