@@ -360,15 +360,37 @@ async def _line_ready(stream: Any) -> None:
         if not ready.done():
             ready.set_result(None)
 
+    def interrupted() -> None:
+        if not ready.done():
+            ready.set_exception(KeyboardInterrupt())
+
+    # Ctrl-C through the event loop's wakeup fd (add_signal_handler sets one). The handler
+    # asyncio.run() installs runs only once the main thread runs Python code again: a
+    # SIGINT that another thread takes, or that lands just before the main thread goes
+    # into epoll_wait, would leave the prompt waiting.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+        own_handler = True
+    except (RuntimeError, ValueError):  # not in the main thread: as it was
+        own_handler = False
     loop.add_reader(fd, readable)
     try:
         await ready
     finally:
         loop.remove_reader(fd)
+        if own_handler:
+            loop.remove_signal_handler(signal.SIGINT)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
 
 def _progress(total: int, quiet: bool, desc: str) -> Any:
     disable = quiet or total <= 1 or not sys.stderr.isatty()
+    # No monitor thread (tqdm starts one even for a disabled bar, and never stops it): it
+    # only tunes the refresh of bars that stall, and a thread of its own was one more that
+    # could take the Ctrl-C meant for the prompt.
+    tqdm.monitor_interval = 0
     return tqdm(total=total, file=sys.stderr, disable=disable, unit="entry", desc=desc, leave=False)
 
 
