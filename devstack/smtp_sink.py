@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    stop.wait()
+    # Woken now and then: a signal the server's thread takes runs its handler only when
+    # the main thread next runs Python code, which a wait with no timeout never does.
+    while not stop.wait(0.5):
+        pass
     sink.stop()
 
 
