@@ -682,6 +682,7 @@ class SlowRelease:
     def __init__(self, pool: asyncpg.Pool[Any], seconds: float) -> None:
         self._pool = pool
         self._seconds = seconds
+        self.cut = 0  # hand-backs a cancellation landed in
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
@@ -694,6 +695,9 @@ class SlowRelease:
         finally:
             try:
                 await asyncio.sleep(self._seconds)
+            except asyncio.CancelledError:
+                self.cut += 1
+                raise
             finally:
                 await asyncio.shield(self._pool.release(conn))
 
@@ -709,12 +713,14 @@ async def test_a_timeout_after_the_send_while_the_connection_goes_back_counts_it
     here), on the event's only attempt, after the email was sent and its record committed:
     the run counts as done. It counted as timed out, and the event was dead-lettered with
     its email delivered (a replay would then send nothing)."""
-    worker = make_verify_worker(verify_router(timeout=1), on=SlowRelease(pool, 2.0), max_attempts=1)
+    slow = SlowRelease(pool, 2.0)
+    worker = make_verify_worker(verify_router(timeout=1), on=slow, max_attempts=1)
     await worker.start()
     try:
         await one_recorded_email(pool, smtp_sink, signup_event)
     finally:
         await worker.stop()
+    assert slow.cut == 1  # the timeout came where this test puts it, not in the send
     assert await redis.xlen(dead_letter_key()) == 0
     dead = await pool.fetchval(
         "SELECT dead_lettered_at FROM outbox WHERE event_id = $1", signup_event
