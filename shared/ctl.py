@@ -360,7 +360,11 @@ async def _line_ready(stream: Any) -> None:
         if not ready.done():
             ready.set_result(None)
 
+    pressed = False
+
     def interrupted() -> None:
+        nonlocal pressed
+        pressed = True
         if not ready.done():
             ready.set_exception(KeyboardInterrupt())
 
@@ -377,12 +381,17 @@ async def _line_ready(stream: Any) -> None:
     loop.add_reader(fd, readable)
     try:
         await ready
+        # A Ctrl-C that came with the answer, in the loop's same turn, has its handler
+        # called in the next one: it still wins over the answer.
+        await asyncio.sleep(0)
     finally:
         loop.remove_reader(fd)
         if own_handler:
             loop.remove_signal_handler(signal.SIGINT)
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _progress(total: int, quiet: bool, desc: str) -> Any:

@@ -739,6 +739,45 @@ asyncio.run(main())
 """
 
 
+# The answer and a Ctrl-C both waiting when the loop next polls: one turn hands over both.
+_CTRL_C_WITH_THE_ANSWER = """
+import asyncio, os, signal
+from shared.ctl import _line_ready
+
+async def main():
+    read_end, write_end = os.pipe()
+
+    def press():  # once it waits for the answer, before the loop polls again
+        os.write(write_end, b"y\\n")
+        signal.raise_signal(signal.SIGINT)
+
+    asyncio.get_running_loop().call_soon(press)
+    try:
+        await _line_ready(os.fdopen(read_end))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    else:
+        print("answered", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_ctrl_c_that_comes_with_the_answer_interrupts() -> None:
+    """A Ctrl-C that reached the process with the answer was dropped: the line resolved the
+    wait first, the handler was gone when the signal's turn came, and the command went on
+    to replay or purge."""
+    run = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_WITH_THE_ANSWER],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert run.stdout.strip() == "interrupted", run.stdout + run.stderr
+
+
 def test_ctrl_c_taken_by_another_thread_still_interrupts_the_prompt() -> None:
     """The handler asyncio.run() installs for Ctrl-C runs only when the main thread next
     runs Python code; a SIGINT taken by another thread, with the main thread asleep in
