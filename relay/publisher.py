@@ -92,6 +92,14 @@ WHERE o.id = u.id
 # Lua scripts block Redis while they run: publish in chunks of this many, pipelined.
 _CHUNK = 250
 
+# After a refusal a batch is published one row at a time, inside its claim's transaction,
+# with no statement to Postgres between rows that go through: Postgres ends a session idle
+# in a transaction for IDLE_IN_TRANSACTION_SECONDS (shared.connections). With Redis slow,
+# tens of ms a call, a batch of 1,000 would pass that, roll back and be claimed again, over
+# and over. The row-by-row pass stops after this long; the rows it did not reach stay due
+# for the next batch, which the loop claims at once.
+ONE_BY_ONE_BUDGET_SECONDS = 10.0
+
 
 class Row(NamedTuple):
     """An outbox row ready to publish (a tuple: the relay makes thousands a second)."""
@@ -248,23 +256,36 @@ class RelayLoop(Loop):
             try:
                 ids = await self.publisher.publish(rows)
                 await conn.execute(_MARK_PUBLISHED, [r.id for r in rows], ids)
-                published = len(rows)
+                published = reached = len(rows)
             except ResponseError as e:
                 metrics.ERRORS.labels("redis_refused").inc()
                 if refuses_every_write(e):
                     raise
                 # Redis refused something: find out which rows, publish the rest.
-                published = await self._publish_one_by_one(conn, rows)
+                published, reached = await self._publish_one_by_one(conn, rows)
+                if reached < len(rows):
+                    logger.warning(
+                        "relay_one_by_one_cut",
+                        extra={"rows": len(rows), "reached": reached, "published": published},
+                    )
         metrics.PUBLISHED.inc(published)
         metrics.BATCH_SIZE.observe(len(rows))
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
-        return len(rows) >= self.settings.batch_size
+        # Rows a row-by-row pass did not reach are due: claimed again at once, as after a
+        # full batch.
+        return len(rows) >= self.settings.batch_size or reached < len(rows)
 
-    async def _publish_one_by_one(self, conn: DbConn, rows: list[Row]) -> int:
-        """A row Redis will not take must not hold up the others (it is retried later)."""
+    async def _publish_one_by_one(self, conn: DbConn, rows: list[Row]) -> tuple[int, int]:
+        """A row Redis will not take must not hold up the others (it is retried later).
+        (rows published, rows reached within ONE_BY_ONE_BUDGET_SECONDS)."""
         ok_ids, ok_sids = [], []
         bad_ids, bad_errs, bad_delays = [], [], []
+        deadline = time.monotonic() + ONE_BY_ONE_BUDGET_SECONDS
+        reached = 0
         for row in rows:
+            if time.monotonic() >= deadline:
+                break
+            reached += 1
             try:
                 (sid,) = await self.publisher.publish([row])
             except ResponseError as e:
@@ -291,7 +312,7 @@ class RelayLoop(Loop):
             await conn.execute(_MARK_PUBLISHED, ok_ids, ok_sids)
         if bad_ids:
             await conn.execute(_MARK_FAILED, bad_ids, bad_errs, bad_delays)
-        return len(ok_ids)
+        return len(ok_ids), reached
 
 
 # Refusals that are about Redis, not about a row: a replica after a failover (READONLY),

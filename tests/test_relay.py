@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from devstack.postgres import PostgresServer, truncate_tables
 from devstack.procs import free_port
 from devstack.redis import RedisServer
+from relay import publisher as publisher_mod
 from relay.listener import Listener
 from relay.maintenance import Maintenance, refresh_backlog_gauges
 from relay.publisher import (
@@ -1172,3 +1173,75 @@ async def test_migrate_waits_for_a_postgres_still_starting(
         server = await opener
         server.close()
     assert "a" in await _tables(dsn)
+
+
+@contextlib.asynccontextmanager
+async def slow_link(port: int, delay: float) -> AsyncIterator[int]:
+    """A TCP proxy to 127.0.0.1:`port` that holds each chunk a client sends for `delay`
+    seconds: every round trip through it takes at least that long. Its port."""
+
+    async def carry(src: asyncio.StreamReader, dst: asyncio.StreamWriter, wait: float) -> None:
+        try:
+            while data := await src.read(65536):
+                await asyncio.sleep(wait)
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(
+            carry(reader, up_writer, delay), carry(up_reader, writer, 0), return_exceptions=True
+        )
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_publishing_row_by_row_stops_before_its_transaction_idles_out(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+    settings: RelaySettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a refusal the relay publishes its batch one row at a time, inside the claim's
+    transaction, which Postgres ends after idle_in_transaction_session_timeout without a
+    statement: with Redis slow, a batch of 1,000 at 60 ms a call would have been rolled
+    back and claimed again, over and over. It stops within its budget (0.3 s here), marks
+    what it published, and leaves the rows it did not reach due, uncounted, for the next
+    batch. Redis is slow for real: the relay reaches it through a link that holds each
+    request 20 ms."""
+    monkeypatch.setattr(publisher_mod, "ONE_BY_ONE_BUDGET_SECONDS", 0.3)
+    await redis.set(stream_key("broken"), "not a stream")
+    await add_events(pool, 1, queue="broken")
+    good = await add_events(pool, 40)
+
+    def published() -> Awaitable[int]:
+        return pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE queue = 'default' AND published_at IS NOT NULL"
+        )
+
+    async with slow_link(redis_server.port, 0.02) as port:
+        slow = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}")
+        try:
+            relay = RelayLoop(pool, slow, settings)
+            more = await relay.run_once()
+            done = await published()
+            assert 0 < done < len(good)
+            untouched = await pool.fetchval(
+                "SELECT count(*) FROM outbox WHERE queue = 'default' AND published_at IS NULL"
+                " AND publish_attempts = 0 AND last_error IS NULL AND available_at <= now()"
+            )
+            assert untouched == len(good) - done
+            assert more  # the loop goes round again at once for the rest
+            while await relay.run_once():
+                pass
+        finally:
+            await slow.aclose()
+    assert await published() == len(good)
+    assert sorted(e.event_id for e in await stream_events(redis)) == sorted(good)
