@@ -94,10 +94,13 @@ _CHUNK = 250
 
 # After a refusal a batch is published one row at a time, inside its claim's transaction,
 # with no statement to Postgres between rows that go through: Postgres ends a session idle
-# in a transaction for IDLE_IN_TRANSACTION_SECONDS (shared.connections). With Redis slow,
-# tens of ms a call, a batch of 1,000 would pass that, roll back and be claimed again, over
-# and over. The row-by-row pass stops after this long; the rows it did not reach stay due
-# for the next batch, which the loop claims at once.
+# in a transaction for IDLE_IN_TRANSACTION_SECONDS (60 s, shared.connections). With Redis
+# slow, tens of ms a call, a batch of 1,000 would pass that, roll back and be claimed
+# again, over and over. The pass starts no row once this long has gone by since the claim;
+# the rows it did not reach stay due for the next batch, which the loop claims at once.
+# Counted from the claim, the transaction then idles this long, plus the call under way
+# (at most REDIS_SOCKET_TIMEOUT_SECONDS, 10 s, a reply; three replies if the script must
+# be loaded again): well under the 60 s.
 ONE_BY_ONE_BUDGET_SECONDS = 10.0
 
 
@@ -252,6 +255,7 @@ class RelayLoop(Loop):
             records = await conn.fetch(_CLAIM, self.settings.batch_size)
             if not records:
                 return False
+            deadline = time.monotonic() + ONE_BY_ONE_BUDGET_SECONDS
             rows = [to_row(r) for r in records]
             try:
                 ids = await self.publisher.publish(rows)
@@ -262,7 +266,7 @@ class RelayLoop(Loop):
                 if refuses_every_write(e):
                     raise
                 # Redis refused something: find out which rows, publish the rest.
-                published, reached = await self._publish_one_by_one(conn, rows)
+                published, reached = await self._publish_one_by_one(conn, rows, deadline)
                 if reached < len(rows):
                     logger.warning(
                         "relay_one_by_one_cut",
@@ -275,12 +279,13 @@ class RelayLoop(Loop):
         # full batch.
         return len(rows) >= self.settings.batch_size or reached < len(rows)
 
-    async def _publish_one_by_one(self, conn: DbConn, rows: list[Row]) -> tuple[int, int]:
+    async def _publish_one_by_one(
+        self, conn: DbConn, rows: list[Row], deadline: float
+    ) -> tuple[int, int]:
         """A row Redis will not take must not hold up the others (it is retried later).
-        (rows published, rows reached within ONE_BY_ONE_BUDGET_SECONDS)."""
+        (rows published, rows started before `deadline`, a time.monotonic())."""
         ok_ids, ok_sids = [], []
         bad_ids, bad_errs, bad_delays = [], [], []
-        deadline = time.monotonic() + ONE_BY_ONE_BUDGET_SECONDS
         reached = 0
         for row in rows:
             if time.monotonic() >= deadline:

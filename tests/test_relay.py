@@ -1189,17 +1189,32 @@ async def slow_link(port: int, delay: float) -> AsyncIterator[int]:
         finally:
             dst.close()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def carry_both(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            return
         await asyncio.gather(
             carry(reader, up_writer, delay), carry(up_reader, writer, 0), return_exceptions=True
         )
+
+    def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(carry_both(reader, writer))
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
 
 
 async def test_publishing_row_by_row_stops_before_its_transaction_idles_out(
