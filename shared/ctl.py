@@ -51,6 +51,11 @@ from shared.outbox import dead_letter_error
 from shared.settings import PostgresUrl, QueueName, RedisUrl, load
 from worker_service.queue import StreamQueue
 
+# No monitor thread (tqdm starts one even for a disabled bar, and never stops it): it only
+# tunes the refresh of bars that stall, and a thread of its own was one more that could
+# take the Ctrl-C meant for the prompt.
+tqdm.monitor_interval = 0
+
 PROG = "outboxctl"
 PAGE_SIZE = 500  # dead letters read per XRANGE
 CONNECT_TIMEOUT = 10.0
@@ -396,10 +401,6 @@ async def _line_ready(stream: Any) -> None:
 
 def _progress(total: int, quiet: bool, desc: str) -> Any:
     disable = quiet or total <= 1 or not sys.stderr.isatty()
-    # No monitor thread (tqdm starts one even for a disabled bar, and never stops it): it
-    # only tunes the refresh of bars that stall, and a thread of its own was one more that
-    # could take the Ctrl-C meant for the prompt.
-    tqdm.monitor_interval = 0
     return tqdm(total=total, file=sys.stderr, disable=disable, unit="entry", desc=desc, leave=False)
 
 
