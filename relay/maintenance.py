@@ -19,8 +19,9 @@ from shared.lifecycle import Loop
 # Counting stops here, so the gauge query costs the same however large the backlog is.
 BACKLOG_COUNT_CAP = 100_000
 
-# A row the relay failed to publish (Redis refused it) and has not published since; the
-# predicate of outbox_refused_idx (sql/005), which serves it, and of outboxctl status.
+# A row the relay failed to publish (Redis refused it) and has not published since, and
+# not given up on; served by outbox_refused_idx (sql/005, whose predicate lacks the last
+# condition), and used by outboxctl status too.
 REFUSED_ROWS = "published_at IS NULL AND last_error IS NOT NULL AND dead_lettered_at IS NULL"
 
 # The oldest wait: of a row due, since it became due; of a row the relay failed to

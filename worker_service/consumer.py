@@ -226,7 +226,7 @@ class Worker:
                 # acknowledgement, a retry, a dead letter): nothing to hand back.
                 stuck = [e for e, t in stuck_tasks.items() if not t.done() or t.cancelled()]
                 if deaf:
-                    deaf_ids = [e for e, t in self._inflight.items() if t in deaf]
+                    deaf_ids = [e for e, t in stuck_tasks.items() if t in deaf]
                     logger.error("worker_handlers_ignore_cancellation", extra={"entries": deaf_ids})
                     # One on its last attempt, past its timeout, never reaches the attempts
                     # check (it never returns): handed back, it would hold a slot in worker
