@@ -16,6 +16,7 @@ from devstack.postgres import PostgresServer
 from devstack.procs import free_port, wait_for_port
 from devstack.redis import RedisServer
 from devstack.services import ServiceProcess
+from relay.settings import RelaySettings
 from worker_service.settings import WorkerSettings
 
 
@@ -75,6 +76,11 @@ def signup_body(i: int | str, **overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def relay_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> RelaySettings:
+    """A relay's settings against the test servers."""
+    return RelaySettings(database_url=pg.dsn, redis_url=rs.url, **kw)
 
 
 def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSettings:

@@ -27,11 +27,11 @@ from devstack.postgres import PostgresServer
 from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
-from relay.settings import RelaySettings
 from shared.constants import dead_letter_key, dedupe_key, stream_key
 from shared.ctl import DeadLetter, main, replay_one, scan_dead
 from shared.errors import PermanentError
 from shared.outbox import enqueue
+from tests.helpers import relay_settings
 from worker_service.consumer import Worker
 from worker_service.queue import StreamQueue
 from worker_service.router import Router, TaskContext
@@ -77,7 +77,7 @@ class Pipeline:
         self.pool = pool
         self.redis: Any = redis
         self.handlers = Handlers()
-        self.relay = RelayLoop(pool, redis, RelaySettings(database_url=pg.dsn, redis_url=rs.url))
+        self.relay = RelayLoop(pool, redis, relay_settings(pg, rs))
         settings = WorkerSettings(
             database_url=pg.dsn,
             redis_url=rs.url,

@@ -51,13 +51,9 @@ from shared.envelope import Envelope
 from shared.errors import ConfigError
 from shared.migrate import MigrationChanged, discover, migrate, migrations_dir
 from shared.outbox import enqueue
-from tests.helpers import eventually
+from tests.helpers import eventually, relay_settings
 from tests.test_autopipeline import silent_server
 from worker_service.consumer import _MARK_COMPLETED
-
-
-def relay_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> RelaySettings:
-    return RelaySettings(database_url=pg.dsn, redis_url=rs.url, **kw)
 
 
 async def add_events(pool: asyncpg.Pool[Any], n: int, queue: str = "default") -> list[str]:

@@ -22,7 +22,6 @@ from devstack.postgres import PostgresServer
 from devstack.redis import RedisServer
 from devstack.smtp_sink import SmtpSink
 from relay.publisher import RelayLoop
-from relay.settings import RelaySettings
 from shared.connections import DbConn, close_pool, create_pool
 from shared.constants import TASK_SEND_VERIFY_EMAIL, dead_letter_key
 from shared.envelope import Envelope
@@ -30,7 +29,14 @@ from shared.errors import ConfigError, PermanentError, RetryableError
 from shared.lifecycle import FINISH_UNCUT_SECONDS
 from shared.outbox import enqueue
 from shared.verification import hash_code
-from tests.helpers import eventually, link_params, text_part, verify_link, worker_settings
+from tests.helpers import (
+    eventually,
+    link_params,
+    relay_settings,
+    text_part,
+    verify_link,
+    worker_settings,
+)
 from worker_service import app as verify_app
 from worker_service.consumer import Worker
 from worker_service.mailer import Mailer, SmtpConfig
@@ -565,9 +571,7 @@ async def signup_event(
     await add_user(pool)
     async with pool.acquire() as conn, conn.transaction():
         event_id = str(await enqueue(conn, TASK_SEND_VERIFY_EMAIL, {"username": "alice"}))
-    relay = RelayLoop(
-        pool, redis, RelaySettings(database_url=pg_server.dsn, redis_url=redis_server.url)
-    )
+    relay = RelayLoop(pool, redis, relay_settings(pg_server, redis_server))
     while await relay.run_once():
         pass
     return event_id

@@ -24,7 +24,6 @@ from devstack.postgres import PostgresServer
 from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
-from relay.settings import RelaySettings
 from shared.connections import create_pool
 from shared.constants import (
     CONSUMER_GROUP,
@@ -37,7 +36,7 @@ from shared.constants import (
 from shared.errors import PermanentError
 from shared.lifecycle import spend_cancellation
 from shared.outbox import enqueue
-from tests.helpers import eventually, worker_settings
+from tests.helpers import eventually, relay_settings, worker_settings
 from worker_service import consumer as consumer_mod
 from worker_service.consumer import Worker
 from worker_service.maintenance import refresh_gauges, remove_gone_consumers
@@ -225,9 +224,7 @@ async def publish(
     pg_server: PostgresServer,
     redis_server: RedisServer,
 ) -> Any:
-    relay = RelayLoop(
-        pool, redis, RelaySettings(database_url=pg_server.dsn, redis_url=redis_server.url)
-    )
+    relay = RelayLoop(pool, redis, relay_settings(pg_server, redis_server))
 
     async def _publish(n: int, task: str = "t", start: int = 0) -> list[str]:
         async with pool.acquire() as conn, conn.transaction():
