@@ -34,8 +34,6 @@ class ApiSettings(CommonSettings):
         60.0, ge=0, le=86_400, alias="API_RESEND_INTERVAL_SECONDS"
     )
 
-    model_config = CommonSettings.model_config | {"populate_by_name": True}
-
     @model_validator(mode="after")
     def _check(self) -> ApiSettings:
         # argon2 refuses less than 8 KiB per lane: every signup would fail with a 500.

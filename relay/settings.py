@@ -47,8 +47,6 @@ class RelaySettings(StreamSettings):
     metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
     metrics_port: int = Field(9101, ge=0, le=65535, alias="METRICS_PORT")
 
-    model_config = StreamSettings.model_config | {"populate_by_name": True}
-
     @model_validator(mode="after")
     def _dedupe_outlives_reconcile(self) -> RelaySettings:
         if self.dedupe_ttl_seconds <= self.reconcile_after_seconds:

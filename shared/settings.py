@@ -80,7 +80,13 @@ QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
 class CommonSettings(BaseSettings):
-    """Settings every service reads."""
+    """Settings every service reads.
+
+    Each setting is read from one environment variable, its alias where it has one
+    (`WORKER_CONCURRENCY`), else its name in capitals. No subclass turns on
+    `populate_by_name`: pydantic-settings would then read the field's own name as well, and
+    a plain CONCURRENCY or MAX_ATTEMPTS that a deployment sets for something else would
+    change the setting or stop the service."""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 

@@ -8,8 +8,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
+
+from pydantic_settings import BaseSettings
 
 from devstack.mail import verification_link
 from devstack.postgres import PostgresServer
@@ -78,9 +80,19 @@ def signup_body(i: int | str, **overrides: Any) -> dict[str, Any]:
     return body
 
 
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def settings_of(cls: type[SettingsT], **fields: Any) -> SettingsT:
+    """Settings built from field names (`batch_size=5`): the services take only their
+    environment variables' names (`RELAY_BATCH_SIZE`) as input, so each field goes in under
+    its variable's name. A name that is no field is an error here, not a setting ignored."""
+    return cls(**{(cls.model_fields[name].alias or name): v for name, v in fields.items()})
+
+
 def relay_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> RelaySettings:
     """A relay's settings against the test servers."""
-    return RelaySettings(database_url=pg.dsn, redis_url=rs.url, **kw)
+    return settings_of(RelaySettings, database_url=pg.dsn, redis_url=rs.url, **kw)
 
 
 def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSettings:
@@ -96,4 +108,4 @@ def worker_settings(pg: PostgresServer, rs: RedisServer, **kw: Any) -> WorkerSet
         "block_ms": 100,
     }
     base.update(kw)
-    return WorkerSettings(**base)
+    return settings_of(WorkerSettings, **base)

@@ -28,14 +28,18 @@ from shared.connections import create_pool
 from shared.logs import ClientMistakes
 from shared.migrate import SCHEMA_VERSION, discover, migrate, migrations_dir
 from shared.verification import hash_code
-from tests.helpers import api_process, signup_body
+from tests.helpers import api_process, settings_of, signup_body
 
 PROBLEM = "application/problem+json"
 
 
 def cheap_settings(pg_server: PostgresServer, **overrides: Any) -> ApiSettings:
-    return ApiSettings(
-        database_url=pg_server.dsn, argon2_time_cost=1, argon2_memory_kib=1024, **overrides
+    return settings_of(
+        ApiSettings,
+        database_url=pg_server.dsn,
+        argon2_time_cost=1,
+        argon2_memory_kib=1024,
+        **overrides,
     )
 
 

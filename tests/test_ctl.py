@@ -31,11 +31,10 @@ from shared.constants import dead_letter_key, dedupe_key, stream_key
 from shared.ctl import DeadLetter, main, replay_one, scan_dead
 from shared.errors import PermanentError
 from shared.outbox import enqueue
-from tests.helpers import relay_settings
+from tests.helpers import relay_settings, worker_settings
 from worker_service.consumer import Worker
 from worker_service.queue import StreamQueue
 from worker_service.router import Router, TaskContext
-from worker_service.settings import WorkerSettings
 
 STREAM = stream_key()
 DEAD = dead_letter_key()
@@ -78,15 +77,7 @@ class Pipeline:
         self.redis: Any = redis
         self.handlers = Handlers()
         self.relay = RelayLoop(pool, redis, relay_settings(pg, rs))
-        settings = WorkerSettings(
-            database_url=pg.dsn,
-            redis_url=rs.url,
-            consumer_name="w1",
-            max_attempts=1,
-            block_ms=100,
-            retry_backoff_base_seconds=0.05,
-            retry_backoff_max_seconds=0.2,
-        )
+        settings = worker_settings(pg, rs, max_attempts=1)
         self.worker = Worker(self.handlers.router, pool, redis, settings)
 
     async def publish(self, n: int, task: str = "t", start: int = 0) -> list[str]:

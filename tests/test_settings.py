@@ -189,6 +189,28 @@ def test_argon2_memory_below_what_its_lanes_need_is_a_configuration_error(
     assert settings.load(ApiSettings).argon2_memory_kib == 16
 
 
+def test_a_setting_is_read_from_its_documented_variable_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A field's own name is not a second variable for it: a plain CONCURRENCY or
+    MAX_ATTEMPTS in a deployment's environment, set for something else, must not set
+    WORKER_CONCURRENCY's or WORKER_MAX_ATTEMPTS's field, nor stop the service."""
+    env = {**GOOD, "SMTP_URL": "smtp://mail", "PUBLIC_BASE_URL": "http://x.test"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = {cls: settings.load(cls).model_dump() for cls in ALL}
+    plain = {
+        name.upper()
+        for cls in ALL
+        for name, f in cls.model_fields.items()
+        if f.alias and f.alias.upper() != name.upper()
+    }
+    assert {"CONCURRENCY", "MAX_ATTEMPTS", "HASH_THREADS", "BATCH_SIZE"} <= plain
+    for name in plain:
+        monkeypatch.setenv(name, "7")
+    assert {cls: settings.load(cls).model_dump() for cls in ALL} == before
+
+
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = sorted({n for cls in ALL for n in env_names(cls) if f"`{n}`" not in readme})
@@ -260,7 +282,7 @@ def test_the_default_retries_outlast_a_half_hour_smtp_outage() -> None:
     """An SMTP server down, or a misconfiguration being fixed, must delay the emails, not
     dead-letter them: with the defaults, the backoff an entry waits in all before its last
     attempt is 29 to 59 minutes (the README's figures), whatever its jitter."""
-    s = WorkerSettings(database_url="postgresql://db/x", redis_url="redis://r")
+    s = WorkerSettings(DATABASE_URL="postgresql://db/x", REDIS_URL="redis://r")
     base, cap = s.retry_backoff_base_seconds, s.retry_backoff_max_seconds
     bounds = [min(cap, base * 2 ** (d - 1)) for d in range(1, s.max_attempts)]
     assert sum(bounds) / 2 >= 29 * 60, sum(bounds)

@@ -54,7 +54,7 @@ _SEND_LOCK_WAIT_MS = 5_000
 
 
 class VerifyEmailSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     smtp_url: SmtpUrl = Field(alias="SMTP_URL")
     mail_from: str = Field("Signup <no-reply@example.com>", alias="MAIL_FROM")

@@ -45,8 +45,6 @@ class WorkerSettings(StreamSettings):
     metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
     metrics_port: int = Field(9102, ge=0, le=65535, alias="METRICS_PORT")
 
-    model_config = StreamSettings.model_config | {"populate_by_name": True}
-
     @model_validator(mode="after")
     def _check(self) -> WorkerSettings:
         if self.retry_backoff_max_seconds < self.retry_backoff_base_seconds:
