@@ -346,6 +346,37 @@ async def test_backoff_is_respected(publish: Any, rec: Recorder, make_worker: Ma
     assert rec.calls[1] == ("0", 2)
 
 
+async def test_a_parked_retry_another_worker_just_took_is_not_taken_again(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """A worker that saw a parked retry due, and whose XCLAIM comes late (a busy loop, a
+    slow reply), must not take it from the worker that claimed and started it meanwhile:
+    that one renews its claim only every third of the visibility timeout, so the entry's
+    idle time is soon past a short backoff again, and a claim that checks only the idle
+    time would run it twice at once (found by review)."""
+    await publish(1)
+    queue = StreamQueue(redis, "default")
+    await queue.ensure_group()
+    (entry,) = await queue.read("gone", 1, None)
+    assert await queue.park_for_retry("gone", [entry.id]) == 1  # its first attempt failed
+    await asyncio.sleep(0.3)  # its backoff (0.2 s at most with these settings) is over
+    rec.sleep = 1.0
+    w1, w2 = make_worker(consumer_name="w1"), make_worker(consumer_name="w2")
+    claim = w1.queue.claim
+
+    async def late_claim(consumer: str, claims: list[tuple[str, str, int]]) -> list[Entry]:
+        await w2._take(await w2.reclaim_once())  # w2 takes the entry and starts it
+        assert entry.id in w2._inflight
+        await asyncio.sleep(0.3)  # w1 is held up past the backoff
+        return await claim(consumer, claims)
+
+    w1.queue.claim = late_claim  # type: ignore[method-assign]
+    assert await w1.reclaim_once() == []
+    await asyncio.gather(*w2._inflight.values())
+    assert rec.calls == [("0", 2)]  # once, as its second attempt
+    assert rec.max_running == 1
+
+
 async def test_last_attempt_goes_to_dead_letters_with_the_reason(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,

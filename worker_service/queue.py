@@ -83,6 +83,29 @@ return 1
 """
 
 
+# KEYS: stream. ARGV: group, consumer, then (entry id, its expected owner, min idle ms)
+# triples. Claims each entry only if it is still with the owner the caller saw and idle for
+# that long, checked in the same script: a plain XCLAIM checks the idle time only, so a
+# parked retry another worker took (and runs) a moment before, its idle time already past
+# a short backoff, would be taken again and run twice at once. Returns, per entry claimed,
+# {id, its delivery count after this claim, the entry {id, fields} or false if deleted}.
+_CLAIM_SCRIPT = """
+local taken = {}
+for i = 3, #ARGV, 3 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[i + 1] and p[1][3] >= tonumber(ARGV[i + 2]) then
+    local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
+    -- A deleted entry: Redis 6 answers nil (false here) and keeps it pending; Redis 7
+    -- leaves it out and drops it from the pending list itself.
+    if got[1] ~= nil then
+      taken[#taken + 1] = {ARGV[i], p[1][4] + 1, got[1]}
+    end
+  end
+end
+return taken
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     id: str
@@ -195,28 +218,21 @@ class StreamQueue:
             for r in rows
         ]
 
-    async def claim(self, consumer: str, claims: list[tuple[str, int, int]]) -> list[Entry]:
-        """XCLAIM each (id, min_idle_ms, deliveries so far); only those still idle come back.
-
-        The min-idle check is done by Redis at the claim, so when two workers race for an
-        entry only one gets it.
-        """
+    async def claim(self, consumer: str, claims: list[tuple[str, str, int]]) -> list[Entry]:
+        """Claim each (id, the owner it was seen with, min idle ms) that is still with that
+        owner and still that idle; those come back, each with its delivery count as this
+        claim makes it. When two workers race for an entry, only one gets it."""
         if not claims:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id, min_idle, _ in claims:
-                pipe.xclaim(self.stream, self.group, consumer, min_idle, [entry_id])
-            replies = await pipe.execute(raise_on_error=True)
+        args: list[str | int] = [self.group, consumer]
+        for entry_id, owner, min_idle in claims:
+            args += [entry_id, owner, min_idle]
         taken: list[Entry] = []
-        for (entry_id, _, deliveries), reply in zip(claims, replies, strict=True):
-            for item in reply or []:
-                # A deleted entry still in the PEL: Redis 6 answers nil, which redis-py
-                # hands over as (None, None); Redis 7 leaves it out and drops it itself.
-                if item is None or item[0] is None:
-                    taken.append(Entry(entry_id, None, deliveries + 1))
-                    continue
-                sid, fields = item
-                taken.append(Entry(_sid(sid), fields or None, deliveries + 1))
+        for entry_id, deliveries, item in await self.redis.eval(
+            _CLAIM_SCRIPT, 1, self.stream, *args
+        ):
+            fields = dict(zip(item[1][::2], item[1][1::2], strict=True)) if item else None
+            taken.append(Entry(_sid(entry_id), fields or None, int(deliveries)))
         return taken
 
     async def renew(self, consumer: str, ids: list[str]) -> int:
