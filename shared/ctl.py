@@ -61,8 +61,10 @@ PAGE_SIZE = 500  # dead letters read per XRANGE
 CONNECT_TIMEOUT = 10.0
 ERROR_WIDTH = 60  # characters of the error shown by `dead list`
 _MAX_SEQ = 2**64 - 1
-_STREAM_ID = re.compile(r"^\d+-\d+$")
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+# ASCII digits only, matched whole (fullmatch): \d takes other scripts' digits, and $ a
+# trailing newline.
+_STREAM_ID = re.compile(r"([0-9]+)-([0-9]+)")
+_DURATION = re.compile(r"([0-9]+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
@@ -1036,12 +1038,15 @@ async def cmd_dead_restore_lost(session: Session, args: argparse.Namespace) -> i
 
 
 def parse_duration(text: str) -> timedelta:
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: use a number and one of s, m, h, d, w (e.g. 7d)"
         )
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"duration too long: {text!r}") from None
 
 
 def _positive_or_zero(text: str) -> int:
@@ -1055,10 +1060,20 @@ def _positive_or_zero(text: str) -> int:
 
 
 def _check_ids(ids: list[str]) -> list[str]:
-    bad = [i for i in ids if not _STREAM_ID.match(i)]
+    """The ids as Redis writes them (`05-0` is `5-0`: Redis takes both, and answers with
+    the second), each once; a usage error names those that are no stream id."""
+    canonical: list[str] = []
+    bad: list[str] = []
+    for text in ids:
+        m = _STREAM_ID.fullmatch(text)
+        ms, seq = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+        if 0 <= ms <= _MAX_SEQ and 0 <= seq <= _MAX_SEQ:
+            canonical.append(f"{ms}-{seq}")
+        else:
+            bad.append(text)
     if bad:
         raise CtlError(f"not a stream id (want <ms>-<seq>): {', '.join(bad)}", code=2)
-    return list(dict.fromkeys(ids))
+    return list(dict.fromkeys(canonical))
 
 
 def _selection(args: argparse.Namespace, *, allow_filters: bool) -> Selection:

@@ -875,6 +875,25 @@ async def test_bad_configuration_and_usage_exit_2(
     assert await ctl("dead", "list", "--limit", "-1") == 2
 
 
+async def test_odd_ids_and_durations_are_read_as_redis_reads_them_or_refused(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id with leading zeros is the id Redis makes of it, so the purge reports what it
+    did; a duration too long, a non-ASCII digit or a trailing newline is a usage error, not
+    a traceback or a Redis error (found by review)."""
+    await pipe.redis.xadd(DEAD, {"reason": "x"}, id="5-0")
+    capsys.readouterr()
+    assert await ctl("dead", "purge", "05-0", "5-0") == 0
+    assert await pipe.redis.xlen(DEAD) == 0
+    assert "purged 1, failed 0" in capsys.readouterr().out
+    for bad in ("5-0\n", "\u0665-0", f"{2**64}-0", "5"):
+        assert await ctl("dead", "purge", bad) == 2
+        assert "not a stream id" in capsys.readouterr().err
+    for bad in ("99999999999w", "7d\n1", "\u0667d"):
+        assert await ctl("dead", "purge", "--older-than", bad, "--dry-run") == 2
+        assert "duration" in capsys.readouterr().err
+
+
 def test_unreachable_redis_is_one_line(pg_server: PostgresServer) -> None:
     out = run_module(
         {"DATABASE_URL": pg_server.dsn, "REDIS_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"},
