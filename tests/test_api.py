@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from api_service.settings import ApiSettings
 from devstack.postgres import PostgresServer
 from devstack.procs import proc_memory
 from shared.connections import create_pool
+from shared.constants import NOTIFY_CHANNEL
 from shared.logs import ClientMistakes
 from shared.migrate import SCHEMA_VERSION, discover, migrate, migrations_dir
 from shared.verification import hash_code
@@ -43,6 +45,29 @@ def cheap_settings(pg_server: PostgresServer, **overrides: Any) -> ApiSettings:
     )
 
 
+@contextlib.asynccontextmanager
+async def relays_notified(pool: asyncpg.Pool[Any]) -> AsyncIterator[asyncio.Queue[str]]:
+    """The payloads of the NOTIFYs the relays would get, as they come."""
+    got: asyncio.Queue[str] = asyncio.Queue()
+
+    def heard(*args: Any) -> None:
+        got.put_nowait(args[3])
+
+    async with pool.acquire() as conn:
+        await conn.add_listener(NOTIFY_CHANNEL, heard)
+        try:
+            yield got
+        finally:
+            await conn.remove_listener(NOTIFY_CHANNEL, heard)
+
+
+async def nothing_more_notified(pool: asyncpg.Pool[Any], got: asyncio.Queue[str]) -> bool:
+    """Whether no NOTIFY came since the last one taken: a marker sent now arrives after
+    any that committed before it (Postgres delivers them in commit order)."""
+    await pool.execute("SELECT pg_notify($1, 'marker')", NOTIFY_CHANNEL)
+    return await asyncio.wait_for(got.get(), 5) == "marker"
+
+
 @pytest.fixture
 async def client(
     pool: asyncpg.Pool[Any], pg_server: PostgresServer
@@ -54,8 +79,13 @@ async def client(
 async def test_signup_commits_user_and_outbox_row_together(
     client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
 ) -> None:
-    resp = await client.post("/v1/users", json=signup_body(1), headers={"X-Request-ID": "req-42"})
-    assert resp.status == 201
+    async with relays_notified(pool) as notified:
+        resp = await client.post(
+            "/v1/users", json=signup_body(1), headers={"X-Request-ID": "req-42"}
+        )
+        assert resp.status == 201
+        assert await asyncio.wait_for(notified.get(), 5) == ""  # the relays are woken
+        assert await nothing_more_notified(pool, notified)
     assert resp.headers["X-Request-ID"] == "req-42"
     assert "Location" not in resp.headers  # nothing serves GET /v1/users/{username}
     body = await resp.json()
@@ -73,6 +103,33 @@ async def test_signup_commits_user_and_outbox_row_together(
     assert rows[0]["headers"] == {"request_id": "req-42"}
     assert rows[0]["published_at"] is None
     assert rows[0]["queue"] == "default"
+
+
+@pytest.mark.expect_loop_failures
+async def test_a_signup_whose_outbox_row_fails_leaves_no_user(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    """The user and its outbox row commit together or not at all: with the outbox refusing
+    the row, the signup fails and leaves no account behind (which would keep the username
+    and address with no email ever owed), and the same signup goes through once it can."""
+    await pool.execute(
+        """
+        CREATE FUNCTION refuse_outbox() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'outbox refused'; END $$;
+        CREATE TRIGGER refuse_outbox BEFORE INSERT ON outbox
+            FOR EACH ROW EXECUTE FUNCTION refuse_outbox();
+        """
+    )
+    try:
+        resp = await client.post("/v1/users", json=signup_body(1))
+        assert resp.status == 500
+        assert resp.content_type == PROBLEM
+        assert await pool.fetchval("SELECT count(*) FROM users") == 0
+    finally:
+        await pool.execute("DROP TRIGGER refuse_outbox ON outbox; DROP FUNCTION refuse_outbox()")
+    assert (await client.post("/v1/users", json=signup_body(1))).status == 201
+    assert await pool.fetchval("SELECT count(*) FROM users") == 1
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 1
 
 
 async def test_signups_beyond_the_hash_queue_get_503_at_once_and_the_rest_go_through(
@@ -124,11 +181,14 @@ async def test_resend_queues_an_email_for_an_unverified_address_at_most_once_per
         body: dict[str, Any] = await resp.json()
         return body
 
-    accepted = await resend("user1@example.com")
-    assert await events() == 1  # the signup was just now: too soon
-    await pool.execute("UPDATE users SET verify_requested_at = now() - interval '61 seconds'")
-    assert await resend("User1@EXAMPLE.com") == accepted  # matched regardless of case
-    assert await events() == 2
+    async with relays_notified(pool) as notified:
+        accepted = await resend("user1@example.com")
+        assert await events() == 1  # the signup was just now: too soon
+        assert await nothing_more_notified(pool, notified)
+        await pool.execute("UPDATE users SET verify_requested_at = now() - interval '61 seconds'")
+        assert await resend("User1@EXAMPLE.com") == accepted  # matched regardless of case
+        assert await events() == 2
+        assert await asyncio.wait_for(notified.get(), 5) == ""  # the relays are woken
     row = await pool.fetchrow("SELECT * FROM outbox ORDER BY id DESC LIMIT 1")
     assert row is not None
     assert row["task_type"] == "send_verify_email"

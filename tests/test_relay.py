@@ -187,6 +187,17 @@ async def test_two_relays_never_publish_a_row_twice(
     ids = await add_events(pool, 2000)
     s = relay_settings(pg_server, redis_server, batch_size=50)
     a, b = RelayLoop(pool, redis, s), RelayLoop(pool, redis, s)
+    # What each relay hands to Redis: the stream alone would not tell, since the dedupe
+    # keys turn a second XADD of an event into a no-op.
+    handed: dict[RelayLoop, list[str]] = {a: [], b: []}
+    for relay in (a, b):
+        publish = relay.publisher.publish
+
+        async def recording(rows: list[Row], publish: Any = publish, relay: Any = relay) -> Any:
+            handed[relay] += [r.event_id for r in rows]
+            return await publish(rows)
+
+        relay.publisher.publish = recording  # type: ignore[method-assign,assignment]
 
     async def drain(relay: RelayLoop) -> int:
         batches = 0
@@ -196,6 +207,8 @@ async def test_two_relays_never_publish_a_row_twice(
 
     batches = await asyncio.gather(drain(a), drain(b))
     assert all(n > 0 for n in batches), "both relays should have shared the work"
+    assert not set(handed[a]) & set(handed[b]), "a row went to both relays"
+    assert sorted(handed[a] + handed[b]) == sorted(ids)
     events = await stream_events(redis)
     assert sorted(e.event_id for e in events) == sorted(ids)
     assert len({e.event_id for e in events}) == len(events)
