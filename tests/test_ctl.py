@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -328,20 +329,32 @@ async def test_restore_lost_publishes_again_the_events_whose_dead_letters_redis_
     alone (its dead letter may be on its way)."""
     ids = await pipe.make_dead_letters()
     await pipe.pool.execute("UPDATE outbox SET dead_lettered_at = now() - interval '1 hour'")
+    just_now = "UPDATE outbox SET dead_lettered_at = now() - $2::interval WHERE event_id = $1"
+    await pipe.pool.execute(just_now, ids["event_u0"], timedelta(minutes=1))
     await pipe.redis.xdel(DEAD, ids["t0"], ids["u0"])  # lost, with their dedupe keys kept
     capsys.readouterr()
 
     assert await ctl("dead", "restore-lost", "--dry-run") == 0
     out = capsys.readouterr().out
     assert f"would restore event {ids['event_t0']}" in out
+    assert ids["event_u0"] not in out  # within the default 10 minutes
     assert out.strip().endswith(
-        "would restore 2 dead-lettered event(s) whose dead letters are gone"
+        "would restore 1 dead-lettered event(s) whose dead letters are gone"
+    )
+    assert await ctl("dead", "restore-lost", "--older-than", "0s", "--dry-run") == 0
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith("would restore 2 dead-lettered event(s) whose dead letters are gone")
     )
     assert await ctl("dead", "restore-lost", "--older-than", "2h", "--yes") == 0
     assert "no dead-lettered event is missing" in capsys.readouterr().out
 
     assert await ctl("dead", "restore-lost", "--yes") == 0
-    assert capsys.readouterr().out.strip().endswith("restored 2: the relay publishes them again")
+    assert capsys.readouterr().out.strip().endswith("restored 1: the relay publishes them again")
+    await pipe.pool.execute(just_now, ids["event_u0"], timedelta(hours=1))
+    assert await ctl("dead", "restore-lost", "--yes") == 0
+    assert capsys.readouterr().out.strip().endswith("restored 1: the relay publishes them again")
     for label in ("t0", "u0"):
         row = await pipe.row(ids[f"event_{label}"])
         assert row["dead_lettered_at"] is None and row["published_at"] is None
