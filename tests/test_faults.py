@@ -30,7 +30,8 @@ from devstack.stack import Stack
 from shared.connections import close_pool, create_pool
 from shared.constants import CONSUMER_GROUP, stream_key
 from shared.lifecycle import STOP_FLOOR_SECONDS, Loop, finish_anyway, stop_within
-from tests.helpers import eventually
+from tests.helpers import eventually, worker_settings
+from worker_service import __main__ as worker_main
 
 pytestmark = pytest.mark.fault
 
@@ -528,6 +529,24 @@ async def test_a_session_frozen_inside_a_transaction_is_ended_and_its_rows_freed
     finally:
         frozen.terminate()
         await other.close()
+
+
+async def test_the_services_pools_end_sessions_left_idle_in_a_transaction(
+    pg_server: PostgresServer, redis_server: RedisServer, clean: None
+) -> None:
+    """What the services' pools get: 60 s by default (the API's and the relay's, and the
+    worker's own writes), 10 minutes for the worker's handlers, whose email holds its
+    transaction through the SMTP conversation."""
+    show = "SHOW idle_in_transaction_session_timeout"
+    default = await create_pool(pg_server.dsn, max_size=1)
+    handlers, bookkeeping = await worker_main.open_pools(worker_settings(pg_server, redis_server))
+    try:
+        assert await default.fetchval(show) == "1min"
+        assert await bookkeeping.fetchval(show) == "1min"
+        assert await handlers.fetchval(show) == "10min"
+    finally:
+        for pool in (default, handlers, bookkeeping):
+            await pool.close()
 
 
 async def test_a_pool_whose_server_went_silent_closes_within_the_time_given(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
+
+import asyncpg
 
 from shared import entrypoint
 from shared.connections import (
@@ -25,19 +28,29 @@ from worker_service.settings import WorkerSettings
 BOOKKEEPING_CONNECTIONS = 2
 
 
-async def serve(cfg: WorkerSettings, router: Router) -> None:
-    # Custom plans: the batched completion UPDATE must not keep a plan made for an empty
-    # outbox (see create_pool).
+async def open_pools(cfg: WorkerSettings) -> tuple[asyncpg.Pool[Any], asyncpg.Pool[Any]]:
+    """The handlers' pool, whose transactions may wait through an SMTP conversation, and
+    the worker's own for its writes (Worker.bookkeeping), on connections no handler holds.
+    Custom plans: the batched completion UPDATE must not keep a plan made for an empty
+    outbox (see create_pool)."""
     pool = await create_pool(
         cfg.database_url,
         max_size=cfg.db_pool_size,
         custom_plans=True,
         idle_in_transaction_seconds=WORKER_IDLE_IN_TRANSACTION_SECONDS,
     )
-    # The worker's own writes, on connections no handler holds (Worker.bookkeeping).
-    bookkeeping = await create_pool(
-        cfg.database_url, min_size=1, max_size=BOOKKEEPING_CONNECTIONS, custom_plans=True
-    )
+    try:
+        bookkeeping = await create_pool(
+            cfg.database_url, min_size=1, max_size=BOOKKEEPING_CONNECTIONS, custom_plans=True
+        )
+    except BaseException:
+        await pool.close()
+        raise
+    return pool, bookkeeping
+
+
+async def serve(cfg: WorkerSettings, router: Router) -> None:
+    pool, bookkeeping = await open_pools(cfg)
     # Its reads block for up to block_ms: the socket timeout counts from there.
     redis = create_redis(
         cfg.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS + cfg.block_ms / 1000
