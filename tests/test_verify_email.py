@@ -164,6 +164,12 @@ async def test_the_dev_mailbox_tool_finds_the_link_that_a_grep_does_not(
         "\\" * 100,
         'O"Brien, Ö',
         "名前 " * 30,
+        # RFC 2047 encoded words, which the standard library decodes when it writes the
+        # header: an address, and a line break with a Reply-To (found by review).
+        "=?utf-8?q?Bob_=3Cattacker=40evil=2Etest=3E=2C?=",
+        "=?utf-8?q?x=0D=0AReply-To=3A_a=40evil=2Etest=0D=0AX-A=3A?=",
+        "=?utf-8?b?eA0KUmVwbHktVG86IGFAZXZpbC50ZXN0DQpYLUE6?=",
+        "==??utf-8?q?x=0D=0AReply-To=3A_a=40evil=2Etest?=",
     ],
 )
 def test_the_to_header_names_one_address_whatever_the_name(name: str) -> None:
@@ -181,6 +187,8 @@ def test_the_to_header_names_one_address_whatever_the_name(name: str) -> None:
     parsed = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
     (address,) = parsed["To"].addresses
     assert address.addr_spec == "bob@example.com"
+    assert parsed["Reply-To"] is None
+    assert [k for k in parsed if k.lower().startswith("x-")] == []
     assert name in text_part(msg)  # the text greets the person with the name as given
 
 

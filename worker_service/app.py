@@ -113,13 +113,17 @@ HEADER_NAME_MAX = 64
 
 
 def header_name(full_name: str) -> str:
-    """The name as the To header shows it: RFC 5322's specials replaced by spaces, at most
-    HEADER_NAME_MAX characters. The API takes "<", "," and quotes in a name, and the
-    standard library's header folding drops the quotes around a long display name (3.11),
-    so "Bob <attacker@evil.test>, yyy…" came out as two addresses, the first an attacker's,
-    for a mail client to show. The email's text greets the person with the name as given.
+    """The name as the To header shows it: RFC 5322's specials replaced by spaces, the
+    opening of an RFC 2047 encoded word ("=?") broken up, at most HEADER_NAME_MAX
+    characters. The API takes "<", "," and quotes in a name, and the standard library's
+    header folding drops the quotes around a long display name (3.11), so
+    "Bob <attacker@evil.test>, yyy…" came out as two addresses, the first an attacker's,
+    for a mail client to show. It also decodes an ASCII encoded word as it writes the
+    header, so "=?utf-8?q?x=0D=0AReply-To=3A_…?=" became a line break and a Reply-To of
+    the sender's choosing. The email's text greets the person with the name as given.
     """
-    return _SPECIALS.sub(" ", full_name).strip()[:HEADER_NAME_MAX].strip()
+    name = _SPECIALS.sub(" ", full_name).replace("=?", "= ?")
+    return name.strip()[:HEADER_NAME_MAX].strip()
 
 
 def _cte(body: str) -> str:
