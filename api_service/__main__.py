@@ -16,8 +16,11 @@ logger = logging.getLogger("api_service")
 
 
 async def serve(cfg: ApiSettings) -> None:
+    # aiohttp waits its shutdown timeout twice for a request in flight: for the handler to
+    # end, then again after cancelling the request, before it cancels the handler's task.
+    # Half the grace each keeps the stop within the grace (and the pool's close after it).
     runner = web.AppRunner(
-        create_app(cfg), access_log=None, shutdown_timeout=cfg.shutdown_grace_seconds
+        create_app(cfg), access_log=None, shutdown_timeout=cfg.shutdown_grace_seconds / 2
     )
     await runner.setup()
     site = web.TCPSite(runner, cfg.api_host, cfg.api_port, backlog=1024)
@@ -26,8 +29,8 @@ async def serve(cfg: ApiSettings) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     await stop.wait()
-    # cleanup() stops accepting, lets in-flight requests finish within the grace, then
-    # closes the pool.
+    # cleanup() stops accepting, lets in-flight requests finish within the grace (a request
+    # still running then is cancelled), then closes the pool.
     logger.info("api_stopping", extra={"grace": cfg.shutdown_grace_seconds})
     await runner.cleanup()
     logger.info("api_stopped")

@@ -7,6 +7,7 @@ send and its commit; they are counted and reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -16,10 +17,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from api_service.app import POOL_CLOSE_SECONDS
 from devstack import ledger
 from devstack.postgres import PostgresServer
 from devstack.procs import free_port, wait_for_port
@@ -30,7 +33,7 @@ from devstack.stack import Stack
 from shared.connections import close_pool, create_pool
 from shared.constants import CONSUMER_GROUP, stream_key
 from shared.lifecycle import STOP_FLOOR_SECONDS, Loop, finish_anyway, stop_within
-from tests.helpers import eventually, worker_settings
+from tests.helpers import eventually, signup_body, worker_settings
 from worker_service import __main__ as worker_main
 
 pytestmark = pytest.mark.fault
@@ -567,6 +570,57 @@ async def test_a_pool_whose_server_went_silent_closes_within_the_time_given(
     finally:
         for pid in backends:
             os.kill(pid, signal.SIGCONT)
+
+
+async def test_the_api_stops_within_its_grace_with_a_signup_stuck_on_a_silent_postgres(
+    clean: None, service_env: dict[str, str], workdir: Path
+) -> None:
+    """SIGTERM while a signup waits on a Postgres backend that is stopped: the API gives
+    the request its grace, then cancels it and drops the pool, and exits 0 within its grace
+    and 2 s. aiohttp waits its shutdown timeout twice (for the handler, then again after
+    cancelling the request), so the API gives it half the grace (found by review)."""
+    port = free_port()
+    env = {
+        **service_env,
+        "API_PORT": str(port),
+        "DB_POOL_SIZE": "1",
+        "SHUTDOWN_GRACE_SECONDS": "3",
+    }
+    proc = ServiceProcess("api", env, workdir / "silent-pg-api.log").start()
+    assert proc.proc is not None
+    wait_for_port(port, 30, proc.proc)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/readyz") as ready:  # its one connection is open
+            assert ready.status == 200
+        probe = await asyncpg.connect(service_env["DATABASE_URL"])
+        try:
+            (backend,) = [
+                r["pid"]
+                for r in await probe.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                    " AND datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ]
+            os.kill(backend, signal.SIGSTOP)
+            try:
+                signup = asyncio.create_task(
+                    http.post(f"{url}/v1/users", json=signup_body("stuck"))
+                )
+                await asyncio.sleep(0.5)  # it waits on the stopped backend
+                assert not signup.done()
+                t = time.monotonic()
+                code = await asyncio.to_thread(proc.terminate, 60)
+                took = time.monotonic() - t
+                with contextlib.suppress(aiohttp.ClientError):
+                    (await signup).release()
+            finally:
+                os.kill(backend, signal.SIGCONT)
+        finally:
+            await probe.close()
+    assert code == 0, proc.logs()[-2000:]
+    # Without halving: 3 s, 3 s more, then the pool's 2 s (8 s).
+    assert took < 3 + POOL_CLOSE_SECONDS + 1.5, f"stopped after {took:.1f}s"
 
 
 @pytest.mark.parametrize("service", ["relay", "worker"])
