@@ -71,7 +71,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 class CtlSettings(BaseSettings):
     """Only what the tool needs, so unrelated service variables cannot break it."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     database_url: PostgresUrl = Field(description="Postgres DSN.")
     redis_url: RedisUrl = Field(description="Redis URL carrying the streams.")

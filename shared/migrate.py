@@ -46,7 +46,7 @@ _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 class MigrateSettings(BaseSettings):
     """What `python -m shared.migrate` reads (MIGRATIONS_DIR: see migrations_dir())."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     database_url: PostgresUrl = Field(description="Postgres DSN, the source of truth.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

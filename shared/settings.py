@@ -88,7 +88,9 @@ class CommonSettings(BaseSettings):
     a plain CONCURRENCY or MAX_ATTEMPTS that a deployment sets for something else would
     change the setting or stop the service."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    # No "inf" or "nan" for a number: SHUTDOWN_GRACE_SECONDS=inf would pass `gt=0` and
+    # break later, where the value is turned into an integer or a Postgres interval.
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     database_url: PostgresUrl = Field(description="Postgres DSN, the source of truth.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -49,6 +49,11 @@ def env_names(cls: type[BaseSettings]) -> list[str]:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL: Input should be"),
         ({"WORKER_CONCURRENCY": "many"}, "WORKER_CONCURRENCY: Input should be a valid integer"),
         (
+            {"VISIBILITY_TIMEOUT_SECONDS": "inf"},
+            "VISIBILITY_TIMEOUT_SECONDS: Input should be a finite",
+        ),
+        ({"SHUTDOWN_GRACE_SECONDS": "nan"}, "SHUTDOWN_GRACE_SECONDS: Input should be a finite"),
+        (
             {"WORKER_RETRY_BACKOFF_BASE_SECONDS": "10", "WORKER_RETRY_BACKOFF_MAX_SECONDS": "1"},
             "WORKER_RETRY_BACKOFF_MAX_SECONDS must be >= the base",
         ),
@@ -209,6 +214,19 @@ def test_a_setting_is_read_from_its_documented_variable_only(
     for name in plain:
         monkeypatch.setenv(name, "7")
     assert {cls: settings.load(cls).model_dump() for cls in ALL} == before
+
+
+@pytest.mark.parametrize("ttl", ["inf", "1e12", "0"])
+def test_a_link_lifetime_postgres_cannot_add_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, ttl: str
+) -> None:
+    """Started with it, every send would fail in Postgres (interval or timestamp out of
+    range) and every email end dead-lettered an hour later."""
+    for k, v in {"SMTP_URL": "smtp://mail", "PUBLIC_BASE_URL": "http://x.test"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("VERIFY_EMAIL_TTL_MINUTES", ttl)
+    with pytest.raises(ConfigError, match="VERIFY_EMAIL_TTL_MINUTES: Input should be"):
+        settings.load(VerifyEmailSettings)
 
 
 def test_readme_documents_every_setting() -> None:

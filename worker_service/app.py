@@ -54,12 +54,12 @@ _SEND_LOCK_WAIT_MS = 5_000
 
 
 class VerifyEmailSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     smtp_url: SmtpUrl = Field(alias="SMTP_URL")
     mail_from: str = Field("Signup <no-reply@example.com>", alias="MAIL_FROM")
     public_base_url: HttpUrl = Field(alias="PUBLIC_BASE_URL")
-    verify_ttl_minutes: float = Field(15.0, gt=0, alias="VERIFY_EMAIL_TTL_MINUTES")
+    verify_ttl_minutes: float = Field(15.0, gt=0, le=43_200, alias="VERIFY_EMAIL_TTL_MINUTES")
     smtp_timeout_seconds: float = Field(20.0, gt=0, alias="SMTP_TIMEOUT_SECONDS")
 
 
