@@ -86,6 +86,14 @@ def _sendable(value: str) -> str:
     return value
 
 
+def _bare_address(value: object) -> object:
+    """EmailStr also takes the "Name <address>" form and keeps only the address: a caller
+    who sent that sent something other than an address, and is told so."""
+    if isinstance(value, str) and ("<" in value or ">" in value):
+        raise ValueError("give the address alone, without a name or angle brackets")
+    return value
+
+
 Email = Annotated[
     EmailStr,
     Field(
@@ -95,10 +103,11 @@ Email = Annotated[
             "A deliverable address: stricter than the `email` format, special-use domains"
             " (.test, .invalid, .local, localhost) are refused. Unique regardless of case."
             " The part before the @ must be ASCII; an internationalized domain is accepted"
-            " in either form and stored in Unicode."
+            " in either form and stored in Unicode. The address alone: no display name."
         ),
     ),
     AfterValidator(_sendable),
+    BeforeValidator(_bare_address),
 ]
 
 
