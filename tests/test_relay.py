@@ -301,6 +301,46 @@ async def test_redis_refusing_every_write_backs_off_the_loop_not_each_row(
     assert [e.event_id for e in await stream_events(redis)] == ids
 
 
+async def test_redis_refusing_every_write_in_the_middle_of_a_row_by_row_pass(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, settings: RelaySettings
+) -> None:
+    """One row refused (its dedupe key of the wrong type) sends the batch row by row; if
+    Redis then refuses every write (memory full), the rest are not each marked failed and
+    backed off: the batch rolls back, and all go once Redis takes writes again (found by a
+    mutation review)."""
+    (bad,) = await add_events(pool, 1)
+    await redis.hset(dedupe_key(bad, "default"), "not", "a string")
+    good = await add_events(pool, 4)
+    relay = RelayLoop(pool, redis, settings)
+    publish = relay.publisher.publish
+    calls = 0
+
+    async def then_memory_full(rows: list[Row], **kw: Any) -> list[str]:
+        nonlocal calls
+        calls += 1
+        try:
+            return await publish(rows, **kw)
+        finally:
+            if calls == 2:  # the first row by itself, refused
+                await redis.config_set("maxmemory-policy", "noeviction")
+                await redis.config_set("maxmemory", "1")
+
+    relay.publisher.publish = then_memory_full  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ResponseError, match="OOM"):
+            await relay.run_once()
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert calls == 3  # the batch, the refused row, and the next, refused with OOM
+    rows = await pool.fetch("SELECT publish_attempts, published_at, last_error FROM outbox")
+    assert [(r["publish_attempts"], r["published_at"], r["last_error"]) for r in rows] == [
+        (0, None, None)
+    ] * 5
+    await redis.delete(dedupe_key(bad, "default"))
+    await relay.run_once()
+    assert [e.event_id for e in await stream_events(redis)] == [bad, *good]
+
+
 async def test_notify_wakes_the_relay_without_waiting_for_the_poll(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,
