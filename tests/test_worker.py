@@ -294,6 +294,15 @@ async def test_done_records_completion_then_acks(
     assert all(attempt == 1 for _, attempt in rec.calls)
     assert await pending_count(redis) == 0
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE completed_at IS NULL") == 0
+    # Completions Postgres does not take are not acknowledged: the entries stay pending,
+    # to be taken over and found done, instead of gone with their completion unrecorded.
+    await publish(3, start=20)
+    worker.bookkeeping = StalledCompletions(pool, refuse=True)  # type: ignore[assignment]
+    with contextlib.suppress(ConnectionError):
+        await worker.run_once()
+    assert len(rec.calls) == 23
+    assert await pending_count(redis) == 3
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE completed_at IS NULL") == 3
 
 
 async def test_runs_entries_concurrently_up_to_the_limit(
