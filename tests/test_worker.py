@@ -40,7 +40,7 @@ from tests.helpers import eventually, relay_settings, worker_settings
 from worker_service import consumer as consumer_mod
 from worker_service.consumer import Worker
 from worker_service.maintenance import refresh_gauges, remove_gone_consumers
-from worker_service.queue import Entry, StreamQueue
+from worker_service.queue import Entry, PendingInfo, StreamQueue
 from worker_service.router import Router, TaskContext
 
 STREAM = stream_key()
@@ -373,7 +373,7 @@ async def test_a_parked_retry_another_worker_just_took_is_not_taken_again(
     w1, w2 = make_worker(consumer_name="w1"), make_worker(consumer_name="w2")
     claim = w1.queue.claim
 
-    async def late_claim(consumer: str, claims: list[tuple[str, str, int]]) -> list[Entry]:
+    async def late_claim(consumer: str, claims: list[tuple[PendingInfo, int]]) -> list[Entry]:
         await w2._take(await w2.reclaim_once())  # w2 takes the entry and starts it
         assert entry.id in w2._inflight
         await asyncio.sleep(0.3)  # w1 is held up past the backoff
@@ -384,6 +384,41 @@ async def test_a_parked_retry_another_worker_just_took_is_not_taken_again(
     await asyncio.gather(*w2._inflight.values())
     assert rec.calls == [("0", 2)]  # once, as its second attempt
     assert rec.max_running == 1
+
+
+async def test_a_parked_retry_run_and_parked_again_meanwhile_waits_its_new_backoff(
+    redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
+) -> None:
+    """The same late claim, when the other worker has meanwhile run the retry, seen it
+    fail and parked it again: its owner is the parking one again, but its delivery count
+    moved on, and so did its backoff; the late claim must not run its next attempt early
+    (found by review)."""
+    await publish(1)
+    queue = StreamQueue(redis, "default")
+    await queue.ensure_group()
+    (entry,) = await queue.read("gone", 1, None)
+    assert await queue.park_for_retry("gone", [entry.id]) == 1
+    await asyncio.sleep(0.3)
+    rec.fail_times = {"0": 1}  # its second attempt fails at once
+    w1, w2 = make_worker(consumer_name="w1"), make_worker(consumer_name="w2")
+    claim = w1.queue.claim
+
+    async def parked_again() -> bool:
+        (p,) = await queue.pending(min_idle_ms=0, count=1)
+        return p.consumer == RETRY_PARKING_CONSUMER and p.deliveries == 2
+
+    async def late_claim(consumer: str, claims: list[tuple[PendingInfo, int]]) -> list[Entry]:
+        await w2._take(await w2.reclaim_once())
+        await asyncio.gather(*w2._inflight.values())
+        await eventually(parked_again)
+        # Past the first backoff (at most 50 ms here), not always past the second.
+        await asyncio.sleep(0.06)
+        return await claim(consumer, claims)
+
+    w1.queue.claim = late_claim  # type: ignore[method-assign]
+    assert await w1.reclaim_once() == []
+    assert rec.calls == [("0", 2)]
+    assert await parked_again()
 
 
 async def test_last_attempt_goes_to_dead_letters_with_the_reason(

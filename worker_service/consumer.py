@@ -492,7 +492,7 @@ class Worker:
         if budget == 0:
             return []
         base_ms = int(s.retry_backoff_base_seconds * 500)  # the smallest jittered backoff
-        claims: list[tuple[str, str, int]] = []
+        claims: list[tuple[PendingInfo, int]] = []
         # The scan pages through the pending list (RECLAIM_SCAN_PAGES at most per pass):
         # one page from its start would let entries that are not due (long backoffs) hide
         # the due ones behind them for as long as they wait.
@@ -509,7 +509,7 @@ class Worker:
                     )
                 )
                 if p.idle_ms >= due_ms:
-                    claims.append((p.id, RETRY_PARKING_CONSUMER, due_ms))
+                    claims.append((p, due_ms))
                     if len(claims) >= budget:
                         break
         return await self.queue.claim(self.consumer, claims[:budget])
@@ -572,7 +572,7 @@ class Worker:
                     break
         if found is None:
             return None
-        taken = await self.queue.claim(self.consumer, [(found.id, found.consumer, vt_ms)])
+        taken = await self.queue.claim(self.consumer, [(found, vt_ms)])
         if not taken:
             self._reclaim_now.set()  # another worker took it first: look again at once
             return None

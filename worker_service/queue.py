@@ -83,17 +83,20 @@ return 1
 """
 
 
-# KEYS: stream. ARGV: group, consumer, then (entry id, its expected owner, min idle ms)
-# triples. Claims each entry only if it is still with the owner the caller saw and idle for
-# that long, checked in the same script: a plain XCLAIM checks the idle time only, so a
-# parked retry another worker took (and runs) a moment before, its idle time already past
-# a short backoff, would be taken again and run twice at once. Returns, per entry claimed,
-# {id, its delivery count after this claim, the entry {id, fields} or false if deleted}.
+# KEYS: stream. ARGV: group, consumer, then (entry id, owner, delivery count, min idle ms)
+# quads, as the caller's scan saw them. Claims each entry only if it is still with that
+# owner, at that count, and idle for that long, checked in the same script: a plain XCLAIM
+# checks the idle time only, so a parked retry another worker took a moment before (and
+# runs), or ran and parked again, with its idle time already past a short backoff, would
+# be taken again: run twice at once, or its next attempt before its backoff. Returns, per
+# entry claimed, {id, its delivery count after this claim, the entry {id, fields} or false
+# if deleted}.
 _CLAIM_SCRIPT = """
 local taken = {}
-for i = 3, #ARGV, 3 do
+for i = 3, #ARGV, 4 do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[i + 1] and p[1][3] >= tonumber(ARGV[i + 2]) then
+  if p[1] and p[1][2] == ARGV[i + 1] and p[1][4] == tonumber(ARGV[i + 2])
+      and p[1][3] >= tonumber(ARGV[i + 3]) then
     local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
     -- A deleted entry: Redis 6 answers nil (false here) and keeps it pending; Redis 7
     -- leaves it out and drops it from the pending list itself.
@@ -218,15 +221,16 @@ class StreamQueue:
             for r in rows
         ]
 
-    async def claim(self, consumer: str, claims: list[tuple[str, str, int]]) -> list[Entry]:
-        """Claim each (id, the owner it was seen with, min idle ms) that is still with that
-        owner and still that idle; those come back, each with its delivery count as this
-        claim makes it. When two workers race for an entry, only one gets it."""
+    async def claim(self, consumer: str, claims: list[tuple[PendingInfo, int]]) -> list[Entry]:
+        """Claim each (pending entry as a scan saw it, min idle ms) that is still as it was
+        seen (its owner, its delivery count) and still that idle; those come back, each
+        with its delivery count as this claim makes it. When two workers race for an entry,
+        only one gets it."""
         if not claims:
             return []
         args: list[str | int] = [self.group, consumer]
-        for entry_id, owner, min_idle in claims:
-            args += [entry_id, owner, min_idle]
+        for seen, min_idle in claims:
+            args += [seen.id, seen.consumer, seen.deliveries, min_idle]
         taken: list[Entry] = []
         for entry_id, deliveries, item in await self.redis.eval(
             _CLAIM_SCRIPT, 1, self.stream, *args
