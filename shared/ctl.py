@@ -62,8 +62,9 @@ CONNECT_TIMEOUT = 10.0
 ERROR_WIDTH = 60  # characters of the error shown by `dead list`
 _MAX_SEQ = 2**64 - 1
 # ASCII digits only, matched whole (fullmatch): \d takes other scripts' digits, and $ a
-# trailing newline.
-_STREAM_ID = re.compile(r"([0-9]+)-([0-9]+)")
+# trailing newline. At most 20 significant digits a part (2**64 - 1 has 20): int() refuses
+# more than 4,300.
+_STREAM_ID = re.compile(r"0*([0-9]{1,20})-0*([0-9]{1,20})")
 _DURATION = re.compile(r"([0-9]+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 

@@ -899,9 +899,11 @@ async def test_odd_ids_and_durations_are_read_as_redis_reads_them_or_refused(
     assert await ctl("dead", "purge", "05-0", "5-0") == 0
     assert await pipe.redis.xlen(DEAD) == 0
     assert "purged 1, failed 0" in capsys.readouterr().out
-    for bad in ("5-0\n", "\u0665-0", f"{2**64}-0", "5"):
+    for bad in ("5-0\n", "\u0665-0", f"{2**64}-0", "5", "9" * 4400 + "-0"):
         assert await ctl("dead", "purge", bad) == 2
         assert "not a stream id" in capsys.readouterr().err
+    assert await ctl("dead", "purge", "0" * 4400 + "5-0") == 1  # 5-0, purged above
+    assert "failed 5-0: no such dead letter" in capsys.readouterr().out
     for bad in ("99999999999w", "7d\n1", "\u0667d"):
         assert await ctl("dead", "purge", "--older-than", bad, "--dry-run") == 2
         assert "duration" in capsys.readouterr().err
