@@ -11,7 +11,7 @@ from shared.settings import CommonSettings, QueueName, usable_cpus
 class ApiSettings(CommonSettings):
     api_host: str = Field("0.0.0.0", alias="API_HOST")
     api_port: int = Field(8000, ge=0, le=65535, alias="API_PORT")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, alias="API_MAX_BODY_BYTES")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, alias="API_MAX_BODY_BYTES")
     queue: QueueName = Field(
         DEFAULT_QUEUE, description="The queue (stream) verification emails are enqueued into."
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from shared.settings import StreamSettings
+from shared.settings import HOUR, YEAR, StreamSettings
 
 
 class RelaySettings(StreamSettings):
@@ -26,23 +26,26 @@ class RelaySettings(StreamSettings):
     dedupe_ttl_seconds: int = Field(
         86_400,
         ge=60,
+        le=YEAR,
         alias="RELAY_DEDUPE_TTL_SECONDS",
         description="How long Redis remembers that an event was published.",
     )
     reconcile_after_seconds: float = Field(
         60.0,
         gt=0,
+        le=YEAR,
         alias="RELAY_RECONCILE_AFTER_SECONDS",
         description="Age after which a published, unfinished event is checked for in Redis.",
     )
     retention_seconds: float = Field(
         86_400.0,
         ge=0,
+        le=10 * YEAR,
         alias="OUTBOX_RETENTION_SECONDS",
         description="How long completed outbox rows are kept before they are purged.",
     )
     maintenance_interval_seconds: float = Field(
-        5.0, gt=0, alias="RELAY_MAINTENANCE_INTERVAL_SECONDS"
+        5.0, gt=0, le=HOUR, alias="RELAY_MAINTENANCE_INTERVAL_SECONDS"
     )
     metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
     metrics_port: int = Field(9101, ge=0, le=65535, alias="METRICS_PORT")

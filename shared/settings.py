@@ -109,6 +109,12 @@ class StreamSettings(CommonSettings):
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
+# Upper bounds of the durations settings take: each is turned into an integer (Redis's
+# milliseconds) or a Postgres interval somewhere, where 1e300 seconds overflows.
+HOUR = 3600
+DAY = 24 * HOUR
+YEAR = 365 * DAY
+
 
 def load(cls: type[SettingsT]) -> SettingsT:
     """Build settings from the environment or raise ConfigError with one line per problem."""

@@ -54,6 +54,10 @@ def env_names(cls: type[BaseSettings]) -> list[str]:
         ),
         ({"SHUTDOWN_GRACE_SECONDS": "nan"}, "SHUTDOWN_GRACE_SECONDS: Input should be a finite"),
         (
+            {"VISIBILITY_TIMEOUT_SECONDS": "1e300"},
+            "VISIBILITY_TIMEOUT_SECONDS: Input should be less than or equal to 86400",
+        ),
+        (
             {"WORKER_RETRY_BACKOFF_BASE_SECONDS": "10", "WORKER_RETRY_BACKOFF_MAX_SECONDS": "1"},
             "WORKER_RETRY_BACKOFF_MAX_SECONDS must be >= the base",
         ),

@@ -8,7 +8,7 @@ import socket
 from pydantic import Field, model_validator
 
 from shared.constants import DEFAULT_QUEUE
-from shared.settings import QueueName, StreamSettings
+from shared.settings import DAY, HOUR, YEAR, QueueName, StreamSettings
 
 
 def default_consumer_name() -> str:
@@ -31,16 +31,24 @@ class WorkerSettings(StreamSettings):
     # attempts applies). Apart from max_attempts, whose default is there to outlast an SMTP
     # outage: 20 crashes in a row would be 20 worker restarts.
     max_crash_deliveries: int = Field(3, ge=1, le=1000, alias="WORKER_MAX_CRASH_DELIVERIES")
-    retry_backoff_base_seconds: float = Field(1.0, gt=0, alias="WORKER_RETRY_BACKOFF_BASE_SECONDS")
-    retry_backoff_max_seconds: float = Field(300.0, gt=0, alias="WORKER_RETRY_BACKOFF_MAX_SECONDS")
-    task_timeout_seconds: float = Field(60.0, gt=0, alias="WORKER_TASK_TIMEOUT_SECONDS")
-    visibility_timeout_seconds: float = Field(30.0, gt=0, alias="VISIBILITY_TIMEOUT_SECONDS")
-    reclaim_interval_seconds: float = Field(1.0, gt=0, alias="WORKER_RECLAIM_INTERVAL_SECONDS")
+    retry_backoff_base_seconds: float = Field(
+        1.0, gt=0, le=HOUR, alias="WORKER_RETRY_BACKOFF_BASE_SECONDS"
+    )
+    retry_backoff_max_seconds: float = Field(
+        300.0, gt=0, le=DAY, alias="WORKER_RETRY_BACKOFF_MAX_SECONDS"
+    )
+    task_timeout_seconds: float = Field(60.0, gt=0, le=DAY, alias="WORKER_TASK_TIMEOUT_SECONDS")
+    visibility_timeout_seconds: float = Field(
+        30.0, gt=0, le=DAY, alias="VISIBILITY_TIMEOUT_SECONDS"
+    )
+    reclaim_interval_seconds: float = Field(
+        1.0, gt=0, le=HOUR, alias="WORKER_RECLAIM_INTERVAL_SECONDS"
+    )
     maintenance_interval_seconds: float = Field(
-        5.0, gt=0, alias="WORKER_MAINTENANCE_INTERVAL_SECONDS"
+        5.0, gt=0, le=HOUR, alias="WORKER_MAINTENANCE_INTERVAL_SECONDS"
     )
     consumer_idle_cleanup_seconds: float = Field(
-        3600.0, gt=0, alias="WORKER_CONSUMER_IDLE_CLEANUP_SECONDS"
+        3600.0, gt=0, le=YEAR, alias="WORKER_CONSUMER_IDLE_CLEANUP_SECONDS"
     )
     metrics_host: str = Field("0.0.0.0", alias="METRICS_HOST")
     metrics_port: int = Field(9102, ge=0, le=65535, alias="METRICS_PORT")
