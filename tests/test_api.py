@@ -105,13 +105,9 @@ async def test_signup_commits_user_and_outbox_row_together(
     assert rows[0]["queue"] == "default"
 
 
-@pytest.mark.expect_loop_failures
-async def test_a_signup_whose_outbox_row_fails_leaves_no_user(
-    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
-) -> None:
-    """The user and its outbox row commit together or not at all: with the outbox refusing
-    the row, the signup fails and leaves no account behind (which would keep the username
-    and address with no email ever owed), and the same signup goes through once it can."""
+@contextlib.asynccontextmanager
+async def outbox_refused(pool: asyncpg.Pool[Any]) -> AsyncIterator[None]:
+    """Every outbox insert fails, for the block."""
     await pool.execute(
         """
         CREATE FUNCTION refuse_outbox() RETURNS trigger LANGUAGE plpgsql AS
@@ -121,15 +117,50 @@ async def test_a_signup_whose_outbox_row_fails_leaves_no_user(
         """
     )
     try:
+        yield
+    finally:
+        await pool.execute("DROP TRIGGER refuse_outbox ON outbox; DROP FUNCTION refuse_outbox()")
+
+
+@pytest.mark.expect_loop_failures
+async def test_a_signup_whose_outbox_row_fails_leaves_no_user(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    """The user and its outbox row commit together or not at all: with the outbox refusing
+    the row, the signup fails and leaves no account behind (which would keep the username
+    and address with no email ever owed), and the same signup goes through once it can."""
+    async with outbox_refused(pool):
         resp = await client.post("/v1/users", json=signup_body(1))
         assert resp.status == 500
         assert resp.content_type == PROBLEM
+        # The cause goes to the log only: the client's problem names no detail of it.
+        problem = await resp.json()
+        assert set(problem) == {"type", "title", "status", "instance"}, problem
+        assert "outbox refused" not in await resp.text()
         assert await pool.fetchval("SELECT count(*) FROM users") == 0
-    finally:
-        await pool.execute("DROP TRIGGER refuse_outbox ON outbox; DROP FUNCTION refuse_outbox()")
     assert (await client.post("/v1/users", json=signup_body(1))).status == 201
     assert await pool.fetchval("SELECT count(*) FROM users") == 1
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+@pytest.mark.expect_loop_failures
+async def test_a_resend_whose_outbox_row_fails_changes_nothing(
+    client: TestClient[Any, Any], pool: asyncpg.Pool[Any]
+) -> None:
+    """The account's request time and the outbox row are written together: with the row
+    refused, the time stays as it was, so the resend is not held back for the interval
+    with no email owed."""
+    assert (await client.post("/v1/users", json=signup_body(1))).status == 201
+    await pool.execute("UPDATE users SET verify_requested_at = now() - interval '1 hour'")
+    before = await pool.fetchval("SELECT verify_requested_at FROM users")
+    async with outbox_refused(pool):
+        resp = await client.post("/v1/verify_email/resend", json={"email": "user1@example.com"})
+        assert resp.status == 500
+    assert await pool.fetchval("SELECT verify_requested_at FROM users") == before
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 1
+    resp = await client.post("/v1/verify_email/resend", json={"email": "user1@example.com"})
+    assert resp.status == 202
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 2
 
 
 async def test_signups_beyond_the_hash_queue_get_503_at_once_and_the_rest_go_through(
@@ -223,9 +254,12 @@ async def test_signups_go_to_the_configured_queue(
 async def test_request_id_is_generated_when_absent_or_insane(
     client: TestClient[Any, Any],
 ) -> None:
-    resp = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces and /slashes"})
-    rid = resp.headers["X-Request-ID"]
-    assert len(rid) == 32 and rid.isalnum()
+    for insane in ("bad id with spaces and /slashes", "a" * 129):
+        resp = await client.get("/healthz", headers={"X-Request-ID": insane})
+        rid = resp.headers["X-Request-ID"]
+        assert len(rid) == 32 and rid.isalnum()
+    resp = await client.get("/healthz", headers={"X-Request-ID": "a" * 128})
+    assert resp.headers["X-Request-ID"] == "a" * 128
 
 
 async def test_taken_username_and_email_are_409_and_roll_back(
@@ -577,6 +611,17 @@ async def test_health_ready_metrics_openapi(client: TestClient[Any, Any]) -> Non
     metrics = await (await client.get("/metrics")).text()
     assert 'api_http_requests_total{method="POST",route="/v1/users",status="201"}' in metrics
     assert "api_signups_total" in metrics
+    # Labels stay bounded: an unknown path is "unmatched", an unknown method "OTHER".
+    stray = f"/nope-{uuid.uuid4().hex}"
+    assert (await client.get(stray)).status == 404
+    assert (await client.request("PROPFIND", "/healthz")).status == 405
+    wrong = await client.delete("/v1/users")
+    assert wrong.status == 405
+    assert "POST" in wrong.headers["Allow"]
+    metrics = await (await client.get("/metrics")).text()
+    assert stray not in metrics
+    assert 'route="unmatched",status="404"' in metrics
+    assert 'method="OTHER"' in metrics and "PROPFIND" not in metrics
     doc = await (await client.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.1")
     schema = doc["components"]["schemas"]["SignupRequest"]
