@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -645,14 +645,22 @@ async def test_an_unpublished_row_already_given_up_on_is_neither_published_nor_c
 
 
 async def test_retention_purges_only_old_completed_rows(pool: asyncpg.Pool[Any]) -> None:
-    await add_events(pool, 30)
+    """Rows completed more than the window ago go; those completed within it, unpublished,
+    in flight or dead-lettered long ago (kept for `outboxctl dead restore-lost`) stay."""
+    await add_events(pool, 40)
+    old = datetime.now(UTC) - timedelta(days=2)
+    await pool.execute("UPDATE outbox SET published_at = $1, completed_at = $1 WHERE id <= 20", old)
+    await pool.execute("UPDATE outbox SET published_at = now() WHERE id > 25 AND id <= 30")
     await pool.execute(
-        "UPDATE outbox SET published_at = now(), completed_at = now() - interval '2 days'"
-        " WHERE id <= 20"
+        "UPDATE outbox SET published_at = now(), completed_at = now() - interval '1 hour'"
+        " WHERE id > 30 AND id <= 35"
     )
-    await pool.execute("UPDATE outbox SET published_at = now() WHERE id > 25")
+    await pool.execute(
+        "UPDATE outbox SET published_at = $1, dead_lettered_at = $1 WHERE id > 35", old
+    )
     assert await purge_completed(pool, 86_400, batch=7) == 20
-    assert await pool.fetchval("SELECT count(*) FROM outbox") == 10
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 20
+    assert await pool.fetchval("SELECT min(id) FROM outbox") == 21
 
 
 async def test_maintenance_runs_again_at_once_while_the_purge_is_behind(
