@@ -1159,10 +1159,13 @@ async def test_gone_consumers_holding_nothing_are_removed(
     await delivered_to(redis, "holder", 1)
     q = StreamQueue(redis, "default")
     client: Any = redis
-    await client.xgroup_createconsumer(STREAM, CONSUMER_GROUP, "idle")
-    await asyncio.sleep(0.05)
-    removed = await remove_gone_consumers(q, 0.01, me="me")
-    assert removed == ["idle"]  # "holder" keeps its pending entry
+    for name in ("idle", "me"):
+        await client.xgroup_createconsumer(STREAM, CONSUMER_GROUP, name)
+    await asyncio.sleep(0.3)
+    # Idle 0.3 s: past 0.2 s, not past 1 s (the comparison is in milliseconds). "holder"
+    # keeps its pending entry, and "me" is the worker itself.
+    assert await remove_gone_consumers(q, 1.0, me="me") == []
+    assert await remove_gone_consumers(q, 0.2, me="me") == ["idle"]
 
 
 def run_worker_module(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
