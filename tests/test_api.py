@@ -240,6 +240,18 @@ async def test_resend_queues_an_email_for_an_unverified_address_at_most_once_per
     assert resends() - before == 5
 
 
+async def test_the_resend_interval_is_the_configured_one(
+    pool: asyncpg.Pool[Any], pg_server: PostgresServer
+) -> None:
+    app = create_app(cheap_settings(pg_server, resend_interval_seconds=5), pool)
+    async with TestClient(TestServer(app)) as c:
+        assert (await c.post("/v1/users", json=signup_body(1))).status == 201
+        await pool.execute("UPDATE users SET verify_requested_at = now() - interval '10 s'")
+        resp = await c.post("/v1/verify_email/resend", json={"email": "user1@example.com"})
+        assert resp.status == 202
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 2  # 10 s is past 5 s
+
+
 async def test_signups_go_to_the_configured_queue(
     pool: asyncpg.Pool[Any], pg_server: PostgresServer
 ) -> None:
@@ -531,6 +543,12 @@ async def test_verify_email_once(client: TestClient[Any, Any], pool: asyncpg.Poo
     )
     assert again.status == 409
     assert (await again.json())["type"] == "/problems/verification-code-used"
+    # Used, then past its expiry: still "used" (the address is verified), not "expired".
+    await pool.execute("UPDATE verify_emails SET expires_at = now() - interval '1 hour'")
+    later = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "good-code"}
+    )
+    assert later.status == 409
 
 
 async def test_a_link_ended_while_it_is_clicked_is_expired_not_used(
@@ -602,6 +620,12 @@ async def test_verify_email_html_for_browsers(
     )
     assert again.status == 409 and again.content_type == "text/html"
     assert "used already" in await again.text()
+    # A client that puts JSON first gets JSON, whatever else it accepts.
+    api = {"Accept": "application/json, text/html"}
+    answer = await client.get(
+        "/v1/verify_email", params={"email_id": email_id, "secret_code": "html-code"}, headers=api
+    )
+    assert answer.status == 409 and answer.content_type == PROBLEM
 
 
 async def test_health_ready_metrics_openapi(client: TestClient[Any, Any]) -> None:
