@@ -186,6 +186,23 @@ async def test_status_json_and_text_match_reality(
     await StreamQueue(pipe.redis, "default").read("stuck", 1, None)  # 1 pending on "stuck"
     async with pipe.pool.acquire() as conn, conn.transaction():
         await enqueue(conn, "t", {"i": 99})  # unpublished backlog
+        # Not this queue's: counted nowhere here.
+        for state in ("unpublished", "in flight", "dead-lettered"):
+            event = await enqueue(conn, "t", {"state": state}, queue="other")
+            if state != "unpublished":
+                await conn.execute(
+                    "UPDATE outbox SET published_at = now() WHERE event_id = $1", event
+                )
+            if state == "dead-lettered":
+                await conn.execute(
+                    "UPDATE outbox SET dead_lettered_at = now() WHERE event_id = $1", event
+                )
+        # Given up on before it was published (migration 002's kind): dead-lettered, and
+        # not in the backlog.
+        given_up = await enqueue(conn, "t", {"i": 98})
+        await conn.execute(
+            "UPDATE outbox SET dead_lettered_at = now() WHERE event_id = $1", given_up
+        )
     capsys.readouterr()
 
     assert await ctl("status", "--json") == 0
@@ -196,7 +213,7 @@ async def test_status_json_and_text_match_reality(
     assert 0 <= o["oldest_unpublished_age_seconds"] < 60
     assert (o["refused"], o["oldest_refused_error"]) == (0, None)
     assert o["in_flight"] == 2
-    assert o["dead_lettered"] == 3
+    assert o["dead_lettered"] == 4
     assert r["stream_length"] == await pipe.redis.xlen(STREAM) == 7
     assert r["pending"] == 1
     assert r["dead_letters"] == 5
@@ -209,7 +226,7 @@ async def test_status_json_and_text_match_reality(
     text = capsys.readouterr().out
     assert table_value(text, "unpublished backlog") == "1"
     assert table_value(text, "in flight (published, not completed)") == "2"
-    assert table_value(text, "dead-lettered") == "3"
+    assert table_value(text, "dead-lettered") == "4"
     assert table_value(text, "length") == "7"
     assert table_value(text, "pending") == "1"
     assert table_value(text, "Redis dead letters").endswith(" 5")
