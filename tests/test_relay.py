@@ -859,6 +859,23 @@ async def test_a_migration_changed_after_it_was_applied_stops_the_run(
         )
     finally:
         await conn.close()
+    # Every applied file is checked, not only the last one.
+    (tmp_path / "002_b.sql").write_text("CREATE TABLE b (id int);\n")
+    assert await migrate(dsn, tmp_path) == []
+    first.write_text("CREATE TABLE a (id smallint);\n")
+    with pytest.raises(MigrationChanged, match=r"001_a\.sql was changed"):
+        await migrate(dsn, tmp_path)
+
+
+async def test_two_migrate_runs_at_once_apply_each_migration_once(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Every replica's start (or two deploys) may run migrate: the advisory lock makes the
+    second wait for the first, then find nothing left to do."""
+    dsn = pg_server.create_database(f"migrate_twice_{uuid.uuid4().hex[:8]}")
+    (tmp_path / "001_slow.sql").write_text("SELECT pg_sleep(0.5);\nCREATE TABLE slow (id int);\n")
+    runs = await asyncio.gather(migrate(dsn, tmp_path), migrate(dsn, tmp_path))
+    assert sorted(runs) == [[], [1]]
 
 
 async def test_migrate_waits_on_a_reader_of_schema_migrations_only_to_add_its_column(
