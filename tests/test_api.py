@@ -7,6 +7,7 @@ import contextlib
 import logging
 import subprocess
 import sys
+import threading
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from argon2 import PasswordHasher
 from prometheus_client import REGISTRY
 
 from api_service.app import create_app
+from api_service.passwords import Hasher, HashQueueFull
 from api_service.settings import ApiSettings
 from devstack.postgres import PostgresServer
 from devstack.procs import proc_memory
@@ -161,6 +163,31 @@ async def test_a_resend_whose_outbox_row_fails_changes_nothing(
     resp = await client.post("/v1/verify_email/resend", json={"email": "user1@example.com"})
     assert resp.status == 202
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 2
+
+
+async def test_the_hasher_takes_exactly_its_threads_and_waiting_hashes() -> None:
+    """threads + max_waiting hashes in flight, no more: the next is refused at once, and a
+    finished hash gives its slot back."""
+    hasher = Hasher(time_cost=1, memory_kib=8, parallelism=1, threads=1, max_waiting=2)
+    release = threading.Event()
+
+    class Stalled:
+        def hash(self, password: str) -> str:
+            release.wait(10)
+            return f"hashed {password}"
+
+    hasher._ph = Stalled()  # type: ignore[assignment]
+    try:
+        held = [asyncio.ensure_future(hasher.hash(f"p{i}")) for i in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(HashQueueFull):
+            await hasher.hash("one too many")
+        release.set()
+        assert await asyncio.gather(*held) == ["hashed p0", "hashed p1", "hashed p2"]
+        assert await hasher.hash("again") == "hashed again"
+    finally:
+        release.set()
+        hasher.close()
 
 
 async def test_signups_beyond_the_hash_queue_get_503_at_once_and_the_rest_go_through(
