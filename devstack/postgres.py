@@ -160,6 +160,32 @@ class PostgresServer:
         self.stop()
         self.start()
 
+    def standby(self, data_dir: Path) -> PostgresServer:
+        """A hot standby of this server (pg_basebackup -R), not started: what DATABASE_URL
+        may reach after a failover (tests)."""
+        make_traversable(data_dir.parent)
+        data_dir.mkdir(parents=True, mode=0o700)
+        if self._as_root:
+            shutil.chown(data_dir, _UNPRIVILEGED)
+        subprocess.run(
+            [
+                str(self.bin / "pg_basebackup"),
+                "-D",
+                str(data_dir),
+                "-R",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+            ],
+            check=True,
+            capture_output=True,
+            **self._user_kwargs(),  # type: ignore[call-overload]
+        )
+        return PostgresServer(data_dir, durable=False, log=data_dir.parent / "standby.log")
+
     def create_database(self, name: str) -> str:
         """Create a database if missing; its DSN."""
         done = subprocess.run(

@@ -750,6 +750,28 @@ async def test_readyz_is_503_on_a_database_that_takes_no_writes(
         await read_only.close()
 
 
+async def test_readyz_is_503_on_a_hot_standby(
+    pg_server: PostgresServer, pool: asyncpg.Pool[Any], workdir: Path
+) -> None:
+    """A real standby, not only a read-only default: its transactions are read-only while
+    default_transaction_read_only stays off."""
+    standby = pg_server.standby(workdir / "standby" / "data")
+    standby.start()
+    try:
+        on_standby = await create_pool(standby.dsn, max_size=1)
+        try:
+            assert await on_standby.fetchval("SELECT pg_is_in_recovery()")
+            app = create_app(cheap_settings(pg_server), on_standby)
+            async with TestClient(TestServer(app)) as c:
+                resp = await c.get("/readyz")
+                assert resp.status == 503
+                assert (await resp.json())["detail"].startswith("The database is read-only")
+        finally:
+            await on_standby.close()
+    finally:
+        standby.stop()
+
+
 def test_the_schema_version_the_api_needs_is_the_last_migration() -> None:
     assert discover(migrations_dir())[-1][0] == SCHEMA_VERSION
 
