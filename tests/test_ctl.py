@@ -28,6 +28,7 @@ from devstack.postgres import PostgresServer
 from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
+from shared import ctl as ctl_mod
 from shared.constants import dead_letter_key, dedupe_key, stream_key
 from shared.ctl import DeadLetter, main, replay_one, scan_dead
 from shared.errors import PermanentError
@@ -251,6 +252,11 @@ async def test_status_json_and_text_match_reality(
     assert table_value(text, "refused by Redis, not yet published").startswith("1 (oldest: WRONG")
 
 
+def test_status_counts_at_their_cap_are_shown_as_at_least() -> None:
+    assert ctl_mod._capped(10_000, 10_000) == "10000+"
+    assert ctl_mod._capped(9_999, 10_000) == "9999"
+
+
 async def test_status_on_an_empty_redis_says_the_group_is_missing(
     pipe: Pipeline, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -260,6 +266,10 @@ async def test_status_on_an_empty_redis_says_the_group_is_missing(
     assert st["redis"]["stream_length"] == 0
     assert st["redis"]["consumers"] == []
     assert st["outbox"]["oldest_unpublished_age_seconds"] is None
+    assert await ctl("status") == 0
+    text = capsys.readouterr().out
+    assert table_value(text, "held longest without renewal") == "-"  # nothing pending
+    assert table_value(text, "oldest unpublished age") == "-"
 
 
 # -- list / show ---------------------------------------------------------------------------
@@ -289,6 +299,16 @@ async def test_list_with_filters_limit_and_order(
 
     assert await ctl("dead", "list", "--task", "t", "--reason", "max_attempts") == 0
     assert capsys.readouterr().out.strip() == "no dead letters (reason=max_attempts, task=t)"
+
+    # An error over several lines, and longer than the column: one line, cut with "…".
+    long_id = await pipe.redis.xadd(
+        DEAD,
+        {"reason": "handler_error", "task_type": "long", "error": "first\nsecond " + "x" * 100},
+    )
+    assert await ctl("dead", "list", "--task", "long") == 0
+    (row,) = capsys.readouterr().out.splitlines()[1:]
+    assert row.endswith("first second " + "x" * (ctl_mod.ERROR_WIDTH - 14) + "…"), row
+    await pipe.redis.xdel(DEAD, long_id)
 
     assert await ctl("dead", "list", "--limit", "2") == 0
     out = capsys.readouterr()
