@@ -160,6 +160,10 @@ class PostgresServer:
         self.stop()
         self.start()
 
+    def _client_args(self) -> list[str]:
+        """How a client program (createdb, pg_basebackup) reaches this server."""
+        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+
     def standby(self, data_dir: Path) -> PostgresServer:
         """A hot standby of this server (pg_basebackup -R), not started: what DATABASE_URL
         may reach after a failover (tests)."""
@@ -168,18 +172,7 @@ class PostgresServer:
         if self._as_root:
             shutil.chown(data_dir, _UNPRIVILEGED)
         subprocess.run(
-            [
-                str(self.bin / "pg_basebackup"),
-                "-D",
-                str(data_dir),
-                "-R",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-            ],
+            [str(self.bin / "pg_basebackup"), "-D", str(data_dir), "-R", *self._client_args()],
             check=True,
             capture_output=True,
             **self._user_kwargs(),  # type: ignore[call-overload]
@@ -189,16 +182,7 @@ class PostgresServer:
     def create_database(self, name: str) -> str:
         """Create a database if missing; its DSN."""
         done = subprocess.run(
-            [
-                str(self.bin / "createdb"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-                name,
-            ],
+            [str(self.bin / "createdb"), *self._client_args(), name],
             check=False,
             capture_output=True,
             text=True,
