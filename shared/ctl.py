@@ -38,7 +38,7 @@ import asyncpg
 import orjson
 import redis.exceptions as redis_errors
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 from tqdm import tqdm
 
 from relay.maintenance import BACKLOG_COUNT_CAP, REFUSED_ROWS
@@ -48,7 +48,7 @@ from shared.constants import DEFAULT_QUEUE, ENVELOPE_FIELD, RETRY_PARKING_CONSUM
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
 from shared.outbox import dead_letter_error
-from shared.settings import PostgresUrl, QueueName, RedisUrl, load
+from shared.settings import SETTINGS_CONFIG, PostgresUrl, QueueName, RedisUrl, load
 from worker_service.queue import StreamQueue
 
 # No monitor thread (tqdm starts one even for a disabled bar, and never stops it): it only
@@ -72,7 +72,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 class CtlSettings(BaseSettings):
     """Only what the tool needs, so unrelated service variables cannot break it."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    model_config = SETTINGS_CONFIG
 
     database_url: PostgresUrl = Field(description="Postgres DSN.")
     redis_url: RedisUrl = Field(description="Redis URL carrying the streams.")

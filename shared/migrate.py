@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 from tenacity import (
     before_sleep_log,
     retry,
@@ -30,7 +30,7 @@ from tenacity import (
 from shared import logs
 from shared.entrypoint import config_error, load_settings
 from shared.errors import ConfigError
-from shared.settings import PostgresUrl
+from shared.settings import SETTINGS_CONFIG, PostgresUrl
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ _NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 class MigrateSettings(BaseSettings):
     """What `python -m shared.migrate` reads (MIGRATIONS_DIR: see migrations_dir())."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    model_config = SETTINGS_CONFIG
 
     database_url: PostgresUrl = Field(description="Postgres DSN, the source of truth.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -79,18 +79,21 @@ HttpUrl = Annotated[str, _url_with_scheme("http", "https")]
 QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
+# What every settings class of the project is built with (the services', the email
+# handler's, outboxctl's, migrate's). Each setting is read from one environment variable,
+# its alias where it has one (`WORKER_CONCURRENCY`), else its name in capitals: no class
+# turns on `populate_by_name`, with which pydantic-settings would read the field's own
+# name as well, and a plain CONCURRENCY or MAX_ATTEMPTS that a deployment sets for
+# something else would change the setting or stop the service. No "inf" or "nan" for a
+# number: SHUTDOWN_GRACE_SECONDS=inf would pass `gt=0` and break later, where the value is
+# turned into an integer or a Postgres interval.
+SETTINGS_CONFIG = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
 class CommonSettings(BaseSettings):
-    """Settings every service reads.
+    """Settings every service reads."""
 
-    Each setting is read from one environment variable, its alias where it has one
-    (`WORKER_CONCURRENCY`), else its name in capitals. No subclass turns on
-    `populate_by_name`: pydantic-settings would then read the field's own name as well, and
-    a plain CONCURRENCY or MAX_ATTEMPTS that a deployment sets for something else would
-    change the setting or stop the service."""
-
-    # No "inf" or "nan" for a number: SHUTDOWN_GRACE_SECONDS=inf would pass `gt=0` and
-    # break later, where the value is turned into an integer or a Postgres interval.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    model_config = SETTINGS_CONFIG
 
     database_url: PostgresUrl = Field(description="Postgres DSN, the source of truth.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

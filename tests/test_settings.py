@@ -18,6 +18,7 @@ from shared import settings
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
 from shared.migrate import MigrateSettings
+from tests.helpers import settings_of
 from worker_service.app import VerifyEmailSettings
 from worker_service.queue import retry_delay
 from worker_service.settings import WorkerSettings
@@ -304,7 +305,7 @@ def test_the_default_retries_outlast_a_half_hour_smtp_outage() -> None:
     """An SMTP server down, or a misconfiguration being fixed, must delay the emails, not
     dead-letter them: with the defaults, the backoff an entry waits in all before its last
     attempt is 29 to 59 minutes (the README's figures), whatever its jitter."""
-    s = WorkerSettings(DATABASE_URL="postgresql://db/x", REDIS_URL="redis://r")
+    s = settings_of(WorkerSettings, database_url="postgresql://db/x", redis_url="redis://r")
     base, cap = s.retry_backoff_base_seconds, s.retry_backoff_max_seconds
     bounds = [min(cap, base * 2 ** (d - 1)) for d in range(1, s.max_attempts)]
     assert sum(bounds) / 2 >= 29 * 60, sum(bounds)

@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 import asyncpg
 from asyncpg.transaction import Transaction
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from shared import settings as settings_mod
 from shared.addresses import ascii_address
@@ -37,7 +37,7 @@ from shared.connections import DbConn
 from shared.constants import TASK_SEND_VERIFY_EMAIL
 from shared.errors import PermanentError, RetryableError
 from shared.lifecycle import spend_cancellation
-from shared.settings import HttpUrl, SmtpUrl
+from shared.settings import SETTINGS_CONFIG, HttpUrl, SmtpUrl
 from shared.verification import hash_code, new_code
 from worker_service.mailer import Mailer, SmtpConfig
 from worker_service.router import Router, TaskContext
@@ -54,7 +54,7 @@ _SEND_LOCK_WAIT_MS = 5_000
 
 
 class VerifyEmailSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    model_config = SETTINGS_CONFIG
 
     smtp_url: SmtpUrl = Field(alias="SMTP_URL")
     mail_from: str = Field("Signup <no-reply@example.com>", alias="MAIL_FROM")
