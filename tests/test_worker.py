@@ -355,6 +355,18 @@ async def test_backoff_is_respected(publish: Any, rec: Recorder, make_worker: Ma
     assert rec.calls[1] == ("0", 2)
 
 
+async def parked_due(redis: aioredis.Redis, publish: Any) -> tuple[StreamQueue, Entry]:
+    """One entry whose first attempt failed, parked, and its backoff (0.2 s at most with
+    the tests' settings) over: due for its second attempt."""
+    await publish(1)
+    queue = StreamQueue(redis, "default")
+    await queue.ensure_group()
+    (entry,) = await queue.read("gone", 1, None)
+    assert await queue.park_for_retry("gone", [entry.id]) == 1
+    await asyncio.sleep(0.3)
+    return queue, entry
+
+
 async def test_a_parked_retry_another_worker_just_took_is_not_taken_again(
     redis: aioredis.Redis, publish: Any, rec: Recorder, make_worker: MakeWorker
 ) -> None:
@@ -363,12 +375,7 @@ async def test_a_parked_retry_another_worker_just_took_is_not_taken_again(
     that one renews its claim only every third of the visibility timeout, so the entry's
     idle time is soon past a short backoff again, and a claim that checks only the idle
     time would run it twice at once (found by review)."""
-    await publish(1)
-    queue = StreamQueue(redis, "default")
-    await queue.ensure_group()
-    (entry,) = await queue.read("gone", 1, None)
-    assert await queue.park_for_retry("gone", [entry.id]) == 1  # its first attempt failed
-    await asyncio.sleep(0.3)  # its backoff (0.2 s at most with these settings) is over
+    _queue, entry = await parked_due(redis, publish)
     rec.sleep = 1.0
     w1, w2 = make_worker(consumer_name="w1"), make_worker(consumer_name="w2")
     claim = w1.queue.claim
@@ -393,12 +400,7 @@ async def test_a_parked_retry_run_and_parked_again_meanwhile_waits_its_new_backo
     fail and parked it again: its owner is the parking one again, but its delivery count
     moved on, and so did its backoff; the late claim must not run its next attempt early
     (found by review)."""
-    await publish(1)
-    queue = StreamQueue(redis, "default")
-    await queue.ensure_group()
-    (entry,) = await queue.read("gone", 1, None)
-    assert await queue.park_for_retry("gone", [entry.id]) == 1
-    await asyncio.sleep(0.3)
+    queue, _entry = await parked_due(redis, publish)
     rec.fail_times = {"0": 1}  # its second attempt fails at once
     w1, w2 = make_worker(consumer_name="w1"), make_worker(consumer_name="w2")
     claim = w1.queue.claim
