@@ -23,7 +23,7 @@ DbConn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 IDLE_IN_TRANSACTION_SECONDS = 60.0
 # The worker's handlers wait on other systems inside a transaction: the verification email
 # holds its transaction through the SMTP conversation, up to its 60 s timeout and then to
-# the answer to DATA (SMTP_TIMEOUT_SECONDS), then commits.
+# the answer to DATA (SMTP_TIMEOUT_SECONDS, at most 300 s), then commits.
 WORKER_IDLE_IN_TRANSACTION_SECONDS = 600.0
 
 

@@ -15,11 +15,12 @@ from pydantic_settings import BaseSettings
 from api_service.settings import ApiSettings
 from relay.settings import RelaySettings
 from shared import settings
+from shared.connections import WORKER_IDLE_IN_TRANSACTION_SECONDS
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
 from shared.migrate import MigrateSettings
 from tests.helpers import settings_of
-from worker_service.app import VerifyEmailSettings
+from worker_service.app import SEND_TIMEOUT_SECONDS, SMTP_TIMEOUT_MAX_SECONDS, VerifyEmailSettings
 from worker_service.queue import retry_delay
 from worker_service.settings import WorkerSettings
 
@@ -231,6 +232,23 @@ def test_a_link_lifetime_postgres_cannot_add_is_refused_at_start(
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("VERIFY_EMAIL_TTL_MINUTES", ttl)
     with pytest.raises(ConfigError, match="VERIFY_EMAIL_TTL_MINUTES: Input should be"):
+        settings.load(VerifyEmailSettings)
+
+
+@pytest.mark.parametrize("timeout", ["inf", "301", "0"])
+def test_an_smtp_timeout_beyond_the_send_transactions_life_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, timeout: str
+) -> None:
+    """A send holds its transaction for the handler's timeout and then up to
+    SMTP_TIMEOUT_SECONDS for DATA's answer; Postgres ends a session idle in a transaction
+    after WORKER_IDLE_IN_TRANSACTION_SECONDS, which would roll back every email sent."""
+    assert SEND_TIMEOUT_SECONDS + SMTP_TIMEOUT_MAX_SECONDS < WORKER_IDLE_IN_TRANSACTION_SECONDS
+    for k, v in {"SMTP_URL": "smtp://mail", "PUBLIC_BASE_URL": "http://x.test"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SMTP_TIMEOUT_SECONDS", str(SMTP_TIMEOUT_MAX_SECONDS))
+    assert settings.load(VerifyEmailSettings).smtp_timeout_seconds == SMTP_TIMEOUT_MAX_SECONDS
+    monkeypatch.setenv("SMTP_TIMEOUT_SECONDS", timeout)
+    with pytest.raises(ConfigError, match="SMTP_TIMEOUT_SECONDS: Input should be"):
         settings.load(VerifyEmailSettings)
 
 

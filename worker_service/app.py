@@ -51,6 +51,9 @@ router = Router()
 # most _SEND_LOCK_WAIT_MS, then gives its pooled connection back and is retried.
 _SEND_LOCK = 727_002
 _SEND_LOCK_WAIT_MS = 5_000
+# The verification handler's timeout, and the longest SMTP_TIMEOUT_SECONDS taken.
+SEND_TIMEOUT_SECONDS = 60
+SMTP_TIMEOUT_MAX_SECONDS = 300
 
 
 class VerifyEmailSettings(BaseSettings):
@@ -60,7 +63,12 @@ class VerifyEmailSettings(BaseSettings):
     mail_from: str = Field("Signup <no-reply@example.com>", alias="MAIL_FROM")
     public_base_url: HttpUrl = Field(alias="PUBLIC_BASE_URL")
     verify_ttl_minutes: float = Field(15.0, gt=0, le=43_200, alias="VERIFY_EMAIL_TTL_MINUTES")
-    smtp_timeout_seconds: float = Field(20.0, gt=0, alias="SMTP_TIMEOUT_SECONDS")
+    # Bounded so that a send's transaction (the handler's timeout, then up to this long for
+    # DATA's answer) ends well within WORKER_IDLE_IN_TRANSACTION_SECONDS: past that, Postgres
+    # ends the session and every email sent would be rolled back and sent again.
+    smtp_timeout_seconds: float = Field(
+        20.0, gt=0, le=SMTP_TIMEOUT_MAX_SECONDS, alias="SMTP_TIMEOUT_SECONDS"
+    )
 
 
 def build_message(
@@ -143,7 +151,7 @@ async def _startup(state: dict[str, Any]) -> None:
     state["verify_settings"], state["mailer"] = _configure()
 
 
-@router.handler(TASK_SEND_VERIFY_EMAIL, timeout=60)
+@router.handler(TASK_SEND_VERIFY_EMAIL, timeout=SEND_TIMEOUT_SECONDS)
 async def send_verify_email(ctx: TaskContext) -> None:
     cfg: VerifyEmailSettings = ctx.state["verify_settings"]
     mailer: Mailer = ctx.state["mailer"]
