@@ -17,16 +17,21 @@ class ApiSettings(CommonSettings):
     )
     # argon2id parameters. Each hash in flight holds its memory, and one runs per hash
     # thread (one per CPU), so the memory per hash is what the API's RSS budget (100 MB)
-    # allows: RSS is about 55 MiB + hash threads x memory, under 100 MB for up to three
-    # threads at 12 MiB, OWASP's setting for 12 MiB (t=3) with twice its passes (about
-    # 35 ms of one core). The previous default, 64 MiB and t=3 (RFC 9106's memory and
-    # passes, with p=1), held 184 MiB on 2 CPUs (README, Performance).
-    argon2_time_cost: int = Field(6, ge=1, le=20, alias="ARGON2_TIME_COST")
-    argon2_memory_kib: int = Field(12_288, ge=8, le=4_194_304, alias="ARGON2_MEMORY_KIB")
+    # allows: RSS is about 55 MiB + hash threads x memory. The default is OWASP's 7 MiB
+    # setting (t=5) with twice its passes, about 30 ms of one core. OWASP rates its five
+    # settings (46 MiB t=1 to 7 MiB t=5) as one defence; by the rule behind them (an
+    # attacker's cost, in GPU memory bandwidth, grows with memory x (3t - 1)), 7 MiB at
+    # t=10 costs what the previous default, 12 MiB at t=6, did, within 0.5%. Two 12 MiB
+    # hashes at once slowed each other by 5 to 9% on the development machine (their
+    # 24 MiB outgrow its caches), two 7 MiB ones by 2 to 4%, and the API holds 10 MiB
+    # less (README, Performance). Before those, 64 MiB and t=3 (RFC 9106's memory and
+    # passes, with p=1) held 184 MiB on 2 CPUs.
+    argon2_time_cost: int = Field(10, ge=1, le=20, alias="ARGON2_TIME_COST")
+    argon2_memory_kib: int = Field(7_168, ge=8, le=4_194_304, alias="ARGON2_MEMORY_KIB")
     argon2_parallelism: int = Field(1, ge=1, le=64, alias="ARGON2_PARALLELISM")
     hash_threads: int = Field(default_factory=usable_cpus, ge=1, le=256, alias="API_HASH_THREADS")
     # Signups waiting for a hash thread beyond which the API answers 503 at once: at the
-    # default hash (about 35 ms) and two threads, 64 is a wait of about 1.1 s.
+    # default hash (about 30 ms) and two threads, 64 is a wait of about 1 s.
     max_waiting_hashes: int = Field(64, ge=0, le=100_000, alias="API_MAX_WAITING_HASHES")
     # POST /v1/verify_email/resend sends a new email at most once per this many seconds
     # per account (the signup counts), so that it cannot flood a mailbox.
