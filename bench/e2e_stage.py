@@ -43,6 +43,7 @@ from bench.common import (
 )
 from bench.lean_http import Answer, interleaved
 from shared.constants import DEFAULT_QUEUE
+from shared.settings import usable_cpus
 
 _T = TypeVar("_T")
 
@@ -368,6 +369,12 @@ async def collect_e2e(
     return total, relay, worker
 
 
+def busy(cpu: dict[str, float]) -> str:
+    """What a CpuMeter's figures say of a stretch: the machine's busy cores, and whose."""
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "machine" and v >= 0.005)
+    return f"the machine busy {cpu['machine']:.2f} of {usable_cpus()} cores ({parts})"
+
+
 async def post_signup(session: aiohttp.ClientSession, url: str, name: str) -> tuple[int, float]:
     t = time.perf_counter()
     async with session.post(
@@ -621,7 +628,10 @@ async def run(
                 f"  API alone (relay and worker not started): {b2b_count} signups to each"
                 " of the API and the bare server back to back (lean client)"
             )
+            meter = stack.cpu_meter(api, bare_api)
+            meter.start()
             alone = await paired("alone", b2b_count, b2b_count // 4, 0)
+            alone_cpu = meter.stop()
             log(f"  where a signup's time goes: {b2b_count} timed signups to the bare server")
             timed_alone = await timed("alone", b2b_count, 0)
             relay.start()
@@ -646,7 +656,11 @@ async def run(
                 f"  back to back: {b2b_count} signups to each, each sent when the last is"
                 " answered, a quarter at a time to one then the other (lean client)"
             )
+            meter = stack.cpu_meter(api, bare_api, relay, worker)
+            meter.start()
             b2b = await paired("b2b", b2b_count, b2b_count // 4, 0)
+            b2b_cpu = meter.stop()
+            log(f"    CPU (cores): {b2b_cpu}")
             log(f"  the same through aiohttp's client: {b2b_count} signups to the API")
             b2b_aiohttp = await back_to_back_signups(session, url, b2b_count)
             log(
@@ -737,6 +751,8 @@ async def run(
         "back_to_back_http_ms_p50_aiohttp_client": b2b_aiohttp_med * 1000,
         "back_to_back_bare_signup_tx_ms_p50": b2b_tx_med * 1000,
         "back_to_back_server_side_ms_mean": b2b.server_mean * 1000,
+        "alone_back_to_back_cpu_cores": alone_cpu,
+        "back_to_back_cpu_cores": b2b_cpu,
     }
     bare_label = "the same through bench.bare_api (no validation, middleware, metrics, logs)"
     for kind, signups, statement, how, also in (
@@ -745,7 +761,7 @@ async def run(
             alone,
             b2b_tx_med,
             "relay and worker not started, each sent when the last was answered",
-            "",
+            f"; {busy(alone_cpu)}",
         ),
         (
             "idle",
@@ -760,7 +776,8 @@ async def run(
             b2b,
             b2b_tx_med,
             "each sent when the last was answered",
-            f"; through aiohttp's client, HTTP p50 {b2b_aiohttp_med * 1000:.2f} ms",
+            f"; {busy(b2b_cpu)}; through aiohttp's client, HTTP p50"
+            f" {b2b_aiohttp_med * 1000:.2f} ms",
         ),
     ):
         res.figures.append(

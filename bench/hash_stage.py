@@ -245,7 +245,7 @@ def rfc_figures(rfc: dict[str, float], n_cores: int, concurrency: int) -> list[F
             "/s",
             rfc["limit_per_s"],
             f"cores/hash = {n_cores}/{rfc['hash_ms_median']:.0f} ms",
-            note=f"not the default; {concurrency} clients, {rfc['errors']} errors",
+            note=f"not the default; {concurrency} lean clients, {rfc['errors']} errors",
         ),
         Figure(
             STAGE,
