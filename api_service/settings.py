@@ -23,7 +23,7 @@ class ApiSettings(CommonSettings):
     # attacker's cost, in GPU memory bandwidth, grows with memory x (3t - 1)), 7 MiB at
     # t=10 costs what the previous default, 12 MiB at t=6, did, within 0.5%. Two 12 MiB
     # hashes at once slowed each other by 5 to 9% on the development machine (their
-    # 24 MiB outgrow its caches), two 7 MiB ones by 2 to 4%, and the API holds 10 MiB
+    # 24 MiB outgrow its caches), two 7 MiB ones by 1 to 4%, and the API holds 10 MiB
     # less (README, Performance). Before those, 64 MiB and t=3 (RFC 9106's memory and
     # passes, with p=1) held 184 MiB on 2 CPUs.
     argon2_time_cost: int = Field(10, ge=1, le=20, alias="ARGON2_TIME_COST")
