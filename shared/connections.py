@@ -22,8 +22,9 @@ DbConn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 # Postgres ends a session idle this long inside a transaction (create_pool).
 IDLE_IN_TRANSACTION_SECONDS = 60.0
 # The worker's handlers wait on other systems inside a transaction: the verification email
-# holds its transaction through the SMTP conversation, up to its 60 s timeout and then to
-# the answer to DATA (SMTP_TIMEOUT_SECONDS, at most 300 s), then commits.
+# holds its transaction through the SMTP conversation, up to its 60 s timeout and then,
+# once the message is under way, up to five replies of up to SMTP_TIMEOUT_SECONDS (at most
+# 100 s) each, then commits.
 WORKER_IDLE_IN_TRANSACTION_SECONDS = 600.0
 
 

@@ -53,7 +53,12 @@ _SEND_LOCK = 727_002
 _SEND_LOCK_WAIT_MS = 5_000
 # The verification handler's timeout, and the longest SMTP_TIMEOUT_SECONDS taken.
 SEND_TIMEOUT_SECONDS = 60
-SMTP_TIMEOUT_MAX_SECONDS = 300
+SMTP_TIMEOUT_MAX_SECONDS = 100
+# The replies a send waits for once its message is under way, each within
+# SMTP_TIMEOUT_SECONDS, where the handler's timeout waits for them instead of cutting
+# them short (Mailer.send): MAIL FROM, RCPT TO, DATA's 354, the final reply, and RSET
+# after a refusal.
+SMTP_WAITS_UNCUT = 5
 
 
 class VerifyEmailSettings(BaseSettings):
@@ -63,9 +68,10 @@ class VerifyEmailSettings(BaseSettings):
     mail_from: str = Field("Signup <no-reply@example.com>", alias="MAIL_FROM")
     public_base_url: HttpUrl = Field(alias="PUBLIC_BASE_URL")
     verify_ttl_minutes: float = Field(15.0, gt=0, le=43_200, alias="VERIFY_EMAIL_TTL_MINUTES")
-    # Bounded so that a send's transaction (the handler's timeout, then up to this long for
-    # DATA's answer) ends well within WORKER_IDLE_IN_TRANSACTION_SECONDS: past that, Postgres
-    # ends the session and every email sent would be rolled back and sent again.
+    # Bounded so that a send's transaction, idle while the SMTP server answers (up to the
+    # handler's timeout, then up to SMTP_WAITS_UNCUT replies of up to this long each),
+    # ends within WORKER_IDLE_IN_TRANSACTION_SECONDS: past that, Postgres ends the session,
+    # and an email sent would be rolled back and sent again.
     smtp_timeout_seconds: float = Field(
         20.0, gt=0, le=SMTP_TIMEOUT_MAX_SECONDS, alias="SMTP_TIMEOUT_SECONDS"
     )
