@@ -19,13 +19,16 @@ class ApiSettings(CommonSettings):
     # thread (one per CPU), so the memory per hash is what the API's RSS budget (100 MB)
     # allows: RSS is about 55 MiB + hash threads x memory. The default is OWASP's 7 MiB
     # setting (t=5) with twice its passes, about 30 ms of one core. OWASP rates its five
-    # settings (46 MiB t=1 to 7 MiB t=5) as one defence; by the rule behind them (an
-    # attacker's cost, in GPU memory bandwidth, grows with memory x (3t - 1)), 7 MiB at
-    # t=10 costs what the previous default, 12 MiB at t=6, did, within 0.5%. Two 12 MiB
-    # hashes at once slowed each other by 5 to 9% on the development machine (their
-    # 24 MiB outgrow its caches), two 7 MiB ones by 1 to 4%, and the API holds 10 MiB
-    # less (README, Performance). Before those, 64 MiB and t=3 (RFC 9106's memory and
-    # passes, with p=1) held 184 MiB on 2 CPUs.
+    # settings (46 MiB t=1 to 7 MiB t=5) as one defence, after a rule from tobtu.com: a
+    # GPU attacker is bound by memory bandwidth, which grows with memory x (3t - 1), and by
+    # it 7 MiB at t=10 costs what the previous default, 12 MiB at t=6, did, within 0.5%.
+    # Against an attacker bound by memory held over time (memory x memory x passes: an
+    # ASIC, or how many guesses fit in a GPU's memory at once) it costs 0.57 of it. What
+    # that buys: two 12 MiB hashes at once slowed each other by 5 to 9% on the development
+    # machine (likely their 24 MiB against its 32 MiB of L3, shared with other tenants),
+    # two 7 MiB ones by under 5%, and the API holds 10 MiB less (README, Performance).
+    # Before those, 64 MiB and t=3 (RFC 9106's memory and passes, with p=1) held 184 MiB
+    # on 2 CPUs.
     argon2_time_cost: int = Field(10, ge=1, le=20, alias="ARGON2_TIME_COST")
     argon2_memory_kib: int = Field(7_168, ge=8, le=4_194_304, alias="ARGON2_MEMORY_KIB")
     argon2_parallelism: int = Field(1, ge=1, le=64, alias="ARGON2_PARALLELISM")

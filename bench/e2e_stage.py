@@ -370,9 +370,16 @@ async def collect_e2e(
 
 
 def busy(cpu: dict[str, float]) -> str:
-    """What a CpuMeter's figures say of a stretch: the machine's busy cores, and whose."""
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "machine" and v >= 0.005)
-    return f"the machine busy {cpu['machine']:.2f} of {usable_cpus()} cores ({parts})"
+    """What a CpuMeter's figures (and the stretch's "seconds") say: the machine's busy
+    cores, and whose; "other" (the machine less the processes named) with its sign, since
+    each figure is read in 10 ms ticks and may be off by one or two of them."""
+    parts = ", ".join(
+        f"{k} {v:.2f}" for k, v in cpu.items() if k not in ("machine", "seconds") and v != 0
+    )
+    return (
+        f"the machine busy {cpu['machine']:.2f} of {usable_cpus()} cores over"
+        f" {cpu['seconds']:.1f} s ({parts})"
+    )
 
 
 async def post_signup(session: aiohttp.ClientSession, url: str, name: str) -> tuple[int, float]:
@@ -568,7 +575,9 @@ async def run(
         f" {pool_plain * 1000:.2f} ms without"
     )
     log(f"  bare signup statement p50 {tx_med * 1000:.2f} ms, bare chain {fmt3(triple(bare))} ms")
-    b2b_count = 4 * idle_count
+    # Back to back: long enough (1,000 signups to each server in a full run, about 1.5 to
+    # 3 s) for the CPU meter's 10 ms ticks to read each process within about 0.01 core.
+    b2b_count = 20 * idle_count
     b2b_tx_med = percentile(await back_to_back_tx_times(stack, b2b_count), 50)
     log(f"  bare signup statement back to back p50 {b2b_tx_med * 1000:.2f} ms")
     rt_idle = percentile(await round_trip_times(stack, 40, 0.05), 50)
@@ -630,8 +639,10 @@ async def run(
             )
             meter = stack.cpu_meter(api, bare_api)
             meter.start()
+            began = time.perf_counter()
             alone = await paired("alone", b2b_count, b2b_count // 4, 0)
-            alone_cpu = meter.stop()
+            alone_cpu = meter.stop() | {"seconds": round(time.perf_counter() - began, 2)}
+            log(f"    CPU (cores): {alone_cpu}")
             log(f"  where a signup's time goes: {b2b_count} timed signups to the bare server")
             timed_alone = await timed("alone", b2b_count, 0)
             relay.start()
@@ -658,8 +669,9 @@ async def run(
             )
             meter = stack.cpu_meter(api, bare_api, relay, worker)
             meter.start()
+            began = time.perf_counter()
             b2b = await paired("b2b", b2b_count, b2b_count // 4, 0)
-            b2b_cpu = meter.stop()
+            b2b_cpu = meter.stop() | {"seconds": round(time.perf_counter() - began, 2)}
             log(f"    CPU (cores): {b2b_cpu}")
             log(f"  the same through aiohttp's client: {b2b_count} signups to the API")
             b2b_aiohttp = await back_to_back_signups(session, url, b2b_count)

@@ -13,6 +13,7 @@ holds.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +24,7 @@ from argon2.low_level import Type
 from api_service.settings import ApiSettings
 from bench.common import Figure, Stack, StageResult, log, percentile
 from bench.e2e_stage import hash_times, post_signup, signup_body
-from bench.lean_http import LeanClient
+from bench.lean_http import NO_ANSWER, LeanClient
 from shared.settings import usable_cpus
 
 STAGE = "4 production hash"
@@ -63,23 +64,33 @@ def closed_loop(
     """`concurrency` clients in a loop, each a thread with the lean client (blocking
     sockets: the load generator's CPU, on the same cores as the API, is about a quarter of
     what aiohttp's client takes, 0.13 against 0.45 ms a signup, measured 2026-11-30);
-    (successes, errors) completed after the warm-up. Blocking: run it in a thread."""
+    (answered 201, answered otherwise) among the answers that came after the warm-up.
+    A request with no answer at all (the API gone) ends every client and raises, rather
+    than spinning on a refused port. Blocking: run it in a thread."""
     start = time.perf_counter()
     count_from, stop_at = start + warmup, start + warmup + duration
-    counts = [[0, 0] for _ in range(concurrency)]  # [ok, errors] per client
+    created = [0] * concurrency
+    other = [0] * concurrency
+    failed = threading.Event()
 
     def client(k: int) -> None:
         with LeanClient(port) as http:
             i = 0
-            while time.perf_counter() < stop_at:
+            while time.perf_counter() < stop_at and not failed.is_set():
                 answer = http.post_json(SIGNUP_PATH, signup_body(f"{prefix}{k}_{i}"))
                 i += 1
+                if answer.status == NO_ANSWER:
+                    failed.set()
+                    raise RuntimeError(f"client {k}: no answer from the API on port {port}")
                 if count_from <= time.perf_counter() <= stop_at:
-                    counts[k][answer.status != 201] += 1
+                    if answer.status == 201:
+                        created[k] += 1
+                    else:
+                        other[k] += 1
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return sum(created), sum(other)
 
 
 async def run(
@@ -122,6 +133,7 @@ async def run(
         bare_before = await asyncio.to_thread(parallel_hash_rate, n_cores, duration / 2)
         log(f"  bare hashing on {n_cores} threads: {bare_before:.1f} hashes/s")
         log(f"  closed loop, {concurrency} clients, {duration:.0f}s")
+        # The CPU over the warm-up second too: the same load, read as cores.
         meter = stack.cpu_meter(api)
         meter.start()
         ok, errors = await asyncio.to_thread(

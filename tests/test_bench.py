@@ -15,7 +15,9 @@ import orjson
 import pytest
 
 from bench.common import REPO
+from bench.hash_stage import closed_loop
 from bench.timeline import SEGMENTS
+from devstack.procs import free_port
 
 
 @pytest.mark.timeout(600)
@@ -66,3 +68,10 @@ def test_quick_bench_reports_every_stage_against_its_baselines(tmp_path: Path) -
     assert "stage 1: relay drain" in run.stderr
     assert "figures," in run.stdout and "targets missed" in run.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_4s_load_stops_and_fails_when_the_api_is_gone() -> None:
+    """Its clients are threads with blocking sockets: with nothing on the port, they must
+    not spin on refused connections for the whole stage and report a rate beside "errors"."""
+    with pytest.raises(RuntimeError, match="no answer from the API"):
+        closed_loop(free_port(), concurrency=4, duration=600, warmup=0)
