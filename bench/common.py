@@ -154,6 +154,7 @@ class CpuMeter:
         self._start: dict[str, dict[int, float]] = {}
         self._t0 = 0.0
         self._m0 = (0.0, 0.0)
+        self.seconds = 0.0  # the length of the last interval, set by stop()
 
     def _snap(self) -> dict[str, dict[int, float]]:
         return {name: {p: cpu_seconds(p) for p in pids()} for name, pids in self.groups.items()}
@@ -165,7 +166,7 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         end = self._snap()
-        wall = time.perf_counter() - self._t0
+        wall = self.seconds = time.perf_counter() - self._t0
         busy, total = machine_busy()
         n_cores = (total - self._m0[1]) / max(1e-9, wall * _TICK)
         out: dict[str, float] = {}
