@@ -1124,7 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
 
-    dead = sub.add_parser("dead", help="list, show, replay or purge dead letters")
+    dead = sub.add_parser("dead", help="list, show, replay, purge or restore-lost dead letters")
     dsub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
 
     lst = dsub.add_parser("list", help="one line per dead letter, oldest first")
