@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from devstack.postgres import PostgresServer
 from devstack.procs import free_port
 from devstack.redis import RedisServer
-from relay.publisher import RelayLoop
+from relay.publisher import ROW_COLUMNS, Publisher, RelayLoop, to_row
 from shared import ctl as ctl_mod
 from shared.constants import dead_letter_key, dedupe_key, stream_key
 from shared.ctl import DeadLetter, main, replay_one, scan_dead
@@ -404,6 +404,34 @@ async def test_restore_lost_publishes_again_the_events_whose_dead_letters_redis_
     assert sorted(pipe.handlers.done) == [("t", 0), ("u", 0)]
     assert await ctl("dead", "restore-lost", "--yes") == 0
     assert "no dead-lettered event is missing" in capsys.readouterr().out
+
+
+async def test_an_event_dead_lettered_before_its_relay_marked_it_published_is_restored(
+    pipe: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relay's XADD went through and its transaction did not (kill -9 before the mark):
+    the row is unpublished when a worker gives up on its entry, moments later. The relay
+    skips dead-lettered rows, so once Redis has lost the dead letter only restore-lost
+    could publish the event again; it must find the row."""
+    async with pipe.pool.acquire() as conn, conn.transaction():
+        event_id = str(await enqueue(conn, "t", {"i": 0}))
+    record = await pipe.pool.fetchrow(f"SELECT {ROW_COLUMNS} FROM outbox")  # noqa: S608
+    assert record is not None
+    await Publisher(pipe.redis, 86_400).publish([to_row(record)])  # the XADD, no mark
+    assert await pipe.work() == 1  # PermanentError: dead-lettered
+    row = await pipe.row(event_id)
+    assert row["dead_lettered_at"] is not None
+    assert row["published_at"] is not None  # the worker's mark says it was published
+    await pipe.pool.execute("UPDATE outbox SET dead_lettered_at = now() - interval '1 hour'")
+    await pipe.redis.flushall()  # Redis comes back without its data
+    capsys.readouterr()
+    assert await ctl("dead", "restore-lost", "--yes") == 0
+    assert capsys.readouterr().out.strip().endswith("restored 1: the relay publishes them again")
+    pipe.handlers.fail = False
+    while await pipe.relay.run_once():
+        pass
+    assert await pipe.work() == 1
+    assert pipe.handlers.done == [("t", 0)]
 
 
 async def test_a_bulk_purge_shows_progress_while_it_counts_and_purges(

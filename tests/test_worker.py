@@ -1014,6 +1014,59 @@ async def test_renewing_or_handing_over_never_takes_an_entry_another_worker_took
     assert owners == {mine.id: "stalled", taken_over.id: "other"}
 
 
+async def test_a_stalled_worker_leaves_the_outcome_of_an_entry_taken_over_to_its_holder(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    rec: Recorder,
+    make_worker: MakeWorker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker stalled past the visibility timeout, its entry taken over by another; its
+    handler then fails for good. Dead-lettering the entry the other now runs would give the
+    event two dead letters (the other's run ends the same way), and replaying them would
+    run it twice. The stalled one leaves it; the new holder records the outcome, once."""
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    @rec.router.handler("gated_permanent")
+    async def gated(_ctx: TaskContext) -> None:
+        started.set()
+        await gate.wait()
+        raise PermanentError("cannot ever work")
+
+    (event_id,) = await publish(1, "gated_permanent")
+    client: Any = redis
+    stalled = make_worker(consumer_name="stalled")
+    await stalled.start()
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        ((entry_id, _),) = await client.xrange(STREAM)
+        # The takeover a stall past the visibility timeout lets another worker make.
+        await client.xclaim(STREAM, CONSUMER_GROUP, "other", 0, [entry_id])
+        gate.set()
+        ends = {"task_outcome_left_to_new_holder", "task_dead_lettered"}
+        await eventually(lambda: _is(any(r.msg in ends for r in caplog.records)))
+    finally:
+        await stalled.stop()
+    assert await dead_letters(redis) == []
+    (held,) = await client.xpending_range(STREAM, CONSUMER_GROUP, "-", "+", 10)
+    assert held["consumer"] == b"other"
+    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
+    assert row is not None and row["dead_lettered_at"] is None
+    # The new holder runs it (a restart runs its own pending entries) and gives up on it.
+    other = make_worker(consumer_name="other")
+    await other.start()
+    try:
+        await eventually(lambda: _pending_is(redis, 0))
+    finally:
+        await other.stop()
+    (letter,) = await dead_letters(redis)
+    assert letter["event_id"] == event_id
+    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
+    assert row is not None and row["dead_lettered_at"] is not None
+
+
 @pytest.mark.expect_loop_failures
 async def test_a_failed_final_acknowledgement_does_not_cut_the_stop_short(
     redis: aioredis.Redis,

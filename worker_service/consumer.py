@@ -63,9 +63,15 @@ UPDATE outbox SET completed_at = now()
 WHERE event_id = ANY($1::uuid[]) AND completed_at IS NULL
 """
 # With the entry given up on: a replay that put the event back as that entry (and is
-# about to record it, shared.ctl._TRACK) then knows the mark is about it, not older.
+# about to record it, shared.ctl._TRACK) then knows the mark is about it, not older. And
+# published, as it was: a relay that died after its XADD, before its mark, leaves the row
+# unpublished, and the relay skips dead-lettered rows, so only `outboxctl dead
+# restore-lost` could publish it again after Redis lost its dead letter, and that command
+# takes published rows only (an unpublished one is migration 002's, which never reached
+# the stream).
 _MARK_DEAD = """
-UPDATE outbox SET dead_lettered_at = now(), last_error = $2, stream_id = $3
+UPDATE outbox SET dead_lettered_at = now(), last_error = $2, stream_id = $3,
+    published_at = coalesce(published_at, now())
 WHERE event_id = $1::uuid AND completed_at IS NULL
 """
 
@@ -799,17 +805,35 @@ class Worker:
         event_id = envelope.event_id if envelope else event_id
         error = _storable(error)
 
-        async def record() -> None:
+        async def record() -> bool:
+            # Only an entry this worker still holds. If it stalled past the visibility
+            # timeout (a paused VM, a blocked loop), another worker took the entry over and
+            # runs it; that one records its outcome, or the event would end with two dead
+            # letters, replayed twice. The renewal checks the owner and resets the entry's
+            # idle time, so no takeover comes before the script below checks it again.
+            if not await self.queue.renew(self.consumer, [entry.id]):
+                return False
             # Postgres first: the reconciler must not publish again an event given up on.
             if event_id is not None:
                 await self.bookkeeping.execute(
                     _MARK_DEAD, event_id, dead_letter_error(reason, error), entry.id
                 )
-            await self.queue.dead_letter(
-                entry, reason=reason, error=error, event_id=event_id, task_type=task_type
+            dead_id = await self.queue.dead_letter(
+                entry,
+                consumer=self.consumer,
+                reason=reason,
+                error=error,
+                event_id=event_id,
+                task_type=task_type,
             )
+            return dead_id is not None
 
-        await finish_anyway(record(), "worker_dead_letter_failed_after_cancel")
+        if not await finish_anyway(record(), "worker_dead_letter_failed_after_cancel"):
+            logger.warning(
+                "task_outcome_left_to_new_holder",
+                extra={"entry_id": entry.id, "event_id": event_id, "reason": reason},
+            )
+            return
         metrics.for_task(route.task_type if route else "unroutable").dead_lettered.inc()
         logger.error(
             "task_dead_lettered",

@@ -83,6 +83,20 @@ return 1
 """
 
 
+# KEYS: stream, dead-letter stream. ARGV: group, consumer, entry id, then the dead
+# letter's field and value pairs. The dead letter and the entry's XACK, only if the
+# consumer still holds the entry: one it held when it stalled past the visibility timeout
+# has been taken over, and its new holder records the outcome (a second dead letter for
+# one event would be replayed twice).
+_DEAD_LETTER_SCRIPT = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return false end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return id
+"""
+
+
 # KEYS: stream. ARGV: group, consumer, then (entry id, owner, delivery count, min idle ms)
 # quads, as the caller's scan saw them. Claims each entry only if it is still with that
 # owner, at that count, and idle for that long, checked in the same script: a plain XCLAIM
@@ -328,12 +342,14 @@ class StreamQueue:
         self,
         entry: Entry,
         *,
+        consumer: str,
         reason: str,
         error: str,
         event_id: str | None,
         task_type: str | None,
-    ) -> str:
-        """XADD to the dead-letter stream and XACK the entry, in one MULTI."""
+    ) -> str | None:
+        """XADD to the dead-letter stream and XACK the entry, in one script, if `consumer`
+        still holds it; the dead letter's id, or None if another consumer holds it now."""
         fields = entry.fields or {}
         doc: dict[str, Any] = {
             "original_id": entry.id,
@@ -350,11 +366,18 @@ class StreamQueue:
         raw = fields.get(ENVELOPE_FIELD.encode())
         if raw is not None:
             doc[ENVELOPE_FIELD] = raw
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead, doc)
-            pipe.xack(self.stream, self.group, entry.id)
-            dead_id, _ = await pipe.execute()
-        return _sid(dead_id)
+        pairs = [item for field_value in doc.items() for item in field_value]
+        dead_id = await self.redis.eval(
+            _DEAD_LETTER_SCRIPT,
+            2,
+            self.stream,
+            self.dead,
+            self.group,
+            consumer,
+            entry.id,
+            *pairs,
+        )
+        return _sid(dead_id) if dead_id else None
 
     async def replay_dead(self, dead_id: str, envelope: bytes, event_id: str | None) -> str | None:
         """Move a dead letter's envelope back to the stream; None if it was gone already.
