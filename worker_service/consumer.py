@@ -4,7 +4,8 @@ Flow of one entry: XREADGROUP (or XCLAIM of a due retry or of a dead worker's en
 decode the envelope -> run the handler under its timeout -> on success, record completion
 in Postgres, then XACK (both batched); on a transient failure, park the entry for its
 backoff; after the last attempt, on a "do not retry" error, an undecodable entry or an
-unknown task type, XADD it to the dead-letter stream and XACK it in one MULTI.
+unknown task type, XADD it to the dead-letter stream and XACK it in one script, which
+first checks that this worker still holds it.
 
 While a handler runs, the worker renews its claim on the entry every third of the
 visibility timeout, so no other worker takes over a slow but live handler.
