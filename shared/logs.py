@@ -57,18 +57,32 @@ class ClientMistakes(logging.Filter):
     """aiohttp logs a request it cannot parse (answered 400: the client's mistake, not the
     server's) as an error, with a traceback that quotes the raw request; and a body that
     does not decode, which it meets again while draining it after the answer, as an
-    unhandled exception. Such a record becomes a warning carrying the parser's message in
-    `error`, with no traceback."""
+    unhandled exception. Such a record becomes a warning (one logged lower stays lower)
+    carrying in `error` the exception's name and the parser's reason, with no traceback
+    and none of the bytes the parser quotes: those may be a body. A signup whose
+    Content-Length counts characters instead of bytes, or that has none, leaves its tail,
+    or all of it, password included, to be parsed as the next request line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and not isinstance(exc, HttpProcessingError):
             exc = exc.__cause__  # a body that failed to decode, met again after the answer
         if isinstance(exc, HttpProcessingError) and exc.code < 500:
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = None
-            record.error = f"{type(exc).__name__}: {exc}"
+            reason = parser_reason(exc.message)
+            record.error = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
         return True
+
+
+def parser_reason(message: str) -> str:
+    """The reason in an HTTP parser's message without the input it quotes: llhttp's
+    messages are the reason, a colon, then the raw bytes; aiohttp's own put the bytes
+    (or a header's name or value) after the reason too. A first line that still quotes
+    something gives nothing."""
+    first = message.split(":", 1)[0].strip()
+    return "" if any(c in first for c in "'\"\\") else first[:200]
 
 
 class JsonFormatter(logging.Formatter):

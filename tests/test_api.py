@@ -860,7 +860,8 @@ async def test_a_request_line_the_parser_refuses_is_a_warning_with_no_secret_cod
     """A link pasted with a byte HTTP does not allow (here an ellipsis) is refused by
     aiohttp's parser before any handler runs. aiohttp logs that as an error whose
     traceback quotes the request line, secret code and all; the link, never used, still
-    works. The line must be a warning (the client's mistake) with the code redacted."""
+    works. The line must be a warning (the client's mistake) that gives the parser's
+    reason and none of the line."""
     log = workdir / "bad-request-line-api.log"
     code = "k3Y-secret-" + uuid.uuid4().hex
     with api_process(pg_server.dsn, log) as (api, base):
@@ -881,5 +882,51 @@ async def test_a_request_line_the_parser_refuses_is_a_warning_with_no_secret_cod
     lines = [orjson.loads(line) for line in text.splitlines() if "Error handling request" in line]
     assert len(lines) == 1, text
     assert lines[0]["level"] == "warning"
-    assert "secret_code=[redacted]" in lines[0]["error"]
+    assert lines[0]["error"].startswith("InvalidURLError: "), lines[0]["error"]
+    assert "secret_code" not in lines[0]["error"]
     assert "exc" not in lines[0]
+
+
+@pytest.mark.parametrize("framing", ["characters", "none"])
+async def test_a_body_the_parser_reads_as_a_request_line_leaves_no_password_in_the_log(
+    pg_server: PostgresServer, workdir: Path, clean: None, framing: str
+) -> None:
+    """A client whose Content-Length counts characters instead of bytes (a name beyond
+    ASCII), or that sends none: the body's tail, or all of it, is parsed as the next
+    request, and aiohttp's parser quotes it in its error, password included. On a
+    connection that has had an answer already (kept alive), aiohttp logs it as an error."""
+    password = "hunter2-" + uuid.uuid4().hex
+    body = orjson.dumps(
+        {
+            "username": f"zoe_{framing}",
+            "full_name": "Zoë Ångström 李小龍",
+            "email": f"zoe_{framing}@example.com",
+            "password": password,
+        }
+    )
+    chars = len(body.decode())
+    assert len(body) - chars >= 8
+    length = f"Content-Length: {chars}\r\n" if framing == "characters" else ""
+    log = workdir / f"misframed-{framing}-api.log"
+    with api_process(pg_server.dsn, log) as (api, base):
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+        writer.write(
+            b"POST /v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + length.encode()
+            + b"\r\n"
+            + body
+        )
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        writer.close()
+        await asyncio.sleep(0.2)
+    text = api.logs()
+    lines = [orjson.loads(line) for line in text.splitlines() if "Error handling request" in line]
+    assert len(lines) == 1, text
+    assert lines[0]["level"] == "warning"
+    assert lines[0]["error"].startswith("BadHttpMethod"), lines[0]["error"]
+    assert password not in text
+    assert "hunter2" not in text
