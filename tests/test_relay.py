@@ -49,7 +49,14 @@ from shared.connections import REDIS_SOCKET_TIMEOUT_SECONDS, create_pool, create
 from shared.constants import dedupe_key, stream_key
 from shared.envelope import Envelope
 from shared.errors import ConfigError
-from shared.migrate import MigrationChanged, discover, migrate, migrations_dir
+from shared.migrate import (
+    EQUIVALENT_EARLIER,
+    MigrationChanged,
+    checksum,
+    discover,
+    migrate,
+    migrations_dir,
+)
 from shared.outbox import enqueue
 from tests.helpers import eventually, relay_settings
 from tests.test_autopipeline import silent_server
@@ -865,6 +872,37 @@ async def test_a_migration_changed_after_it_was_applied_stops_the_run(
     first.write_text("CREATE TABLE a (id smallint);\n")
     with pytest.raises(MigrationChanged, match=r"001_a\.sql was changed"):
         await migrate(dsn, tmp_path)
+
+
+async def test_an_index_built_by_hand_before_the_upgrade_is_kept_by_its_migration(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """README (Development): build an index on a large table by hand, concurrently, before
+    the release. 005 was a plain CREATE INDEX, which then failed on every run and kept the
+    API unready; it now says IF NOT EXISTS, and a database that applied its earlier text
+    is taken as up to date (that checksum is replaced, not refused)."""
+    dsn = pg_server.create_database(f"migrate_idx_{uuid.uuid4().hex[:8]}")
+    upto4 = tmp_path / "upto4"
+    upto4.mkdir()
+    for version, path in discover(migrations_dir()):
+        if version <= 4:
+            (upto4 / path.name).write_text(path.read_text())
+    assert await migrate(dsn, upto4) == [1, 2, 3, 4]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE INDEX CONCURRENTLY outbox_refused_idx ON outbox (created_at)"
+            " WHERE published_at IS NULL AND last_error IS NOT NULL"
+        )
+        assert 5 in await migrate(dsn)
+        name = "005_outbox_refused_idx.sql"
+        (earlier,) = EQUIVALENT_EARLIER[name]
+        await conn.execute("UPDATE schema_migrations SET checksum = $1 WHERE version = 5", earlier)
+        assert await migrate(dsn) == []
+        now = await conn.fetchval("SELECT checksum FROM schema_migrations WHERE version = 5")
+        assert now == checksum(migrations_dir() / name) != earlier
+    finally:
+        await conn.close()
 
 
 async def test_two_migrate_runs_at_once_apply_each_migration_once(
