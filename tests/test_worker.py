@@ -1067,6 +1067,49 @@ async def test_a_stalled_worker_leaves_the_outcome_of_an_entry_taken_over_to_its
     assert row is not None and row["dead_lettered_at"] is not None
 
 
+async def test_a_dead_mark_whose_entry_was_taken_over_meanwhile_is_taken_back(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    make_worker: MakeWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dead mark in Postgres took longer than the visibility timeout (a slow Postgres)
+    and another worker took the entry over before the dead letter: the dead letter is not
+    written, and the mark goes too, or the row would say dead-lettered while the new holder
+    runs the event (and restore-lost would publish it again)."""
+    (event_id,) = await publish(1, "permanent")
+    client: Any = redis
+    worker = make_worker(consumer_name="slow")
+    real = worker.queue.dead_letter
+
+    async def taken_over_first(entry: Entry, **kw: Any) -> str | None:
+        await client.xclaim(STREAM, CONSUMER_GROUP, "other", 0, [entry.id])
+        return await real(entry, **kw)
+
+    monkeypatch.setattr(worker.queue, "dead_letter", taken_over_first)
+    await worker.start()
+    try:
+        ends = {"task_outcome_left_to_new_holder", "task_dead_lettered"}
+        await eventually(lambda: _is(any(r.msg in ends for r in caplog.records)))
+    finally:
+        await worker.stop()
+    assert await dead_letters(redis) == []
+    assert await _pending_held_by(redis, "other")
+    row = await pool.fetchrow(
+        "SELECT dead_lettered_at, last_error FROM outbox WHERE event_id = $1", event_id
+    )
+    assert row is not None
+    assert (row["dead_lettered_at"], row["last_error"]) == (None, None)
+
+
+async def _pending_held_by(redis: aioredis.Redis, consumer: str) -> bool:
+    client: Any = redis
+    rows = await client.xpending_range(STREAM, CONSUMER_GROUP, "-", "+", 10)
+    return bool(rows) and all(r["consumer"].decode() == consumer for r in rows)
+
+
 @pytest.mark.expect_loop_failures
 async def test_a_failed_final_acknowledgement_does_not_cut_the_stop_short(
     redis: aioredis.Redis,

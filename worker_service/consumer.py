@@ -74,6 +74,13 @@ _MARK_DEAD = """
 UPDATE outbox SET dead_lettered_at = now(), last_error = $2, stream_id = $3,
     published_at = coalesce(published_at, now())
 WHERE event_id = $1::uuid AND completed_at IS NULL
+RETURNING dead_lettered_at
+"""
+# The mark taken back when the dead letter could not follow it: the entry was taken over
+# meanwhile. Only that mark ($2, its time): one its new holder made since stays.
+_UNMARK_DEAD = """
+UPDATE outbox SET dead_lettered_at = NULL, last_error = NULL
+WHERE event_id = $1::uuid AND completed_at IS NULL AND dead_lettered_at = $2
 """
 
 
@@ -815,8 +822,9 @@ class Worker:
             if not await self.queue.renew(self.consumer, [entry.id]):
                 return False
             # Postgres first: the reconciler must not publish again an event given up on.
+            marked = None
             if event_id is not None:
-                await self.bookkeeping.execute(
+                marked = await self.bookkeeping.fetchval(
                     _MARK_DEAD, event_id, dead_letter_error(reason, error), entry.id
                 )
             dead_id = await self.queue.dead_letter(
@@ -827,6 +835,11 @@ class Worker:
                 event_id=event_id,
                 task_type=task_type,
             )
+            if dead_id is None and marked is not None:
+                # The mark took longer than the visibility timeout (a slow Postgres) and
+                # the entry was taken over: left, it would say dead-lettered while the new
+                # holder runs the event, and restore-lost would publish it a second time.
+                await self.bookkeeping.execute(_UNMARK_DEAD, event_id, marked)
             return dead_id is not None
 
         if not await finish_anyway(record(), "worker_dead_letter_failed_after_cancel"):
