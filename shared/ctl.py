@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -787,6 +787,35 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
     return new_id
 
 
+T = TypeVar("T")
+
+
+class CtrlC:
+    """Steps that must not be cut in the middle. A Ctrl-C (the main task's cancellation)
+    that comes during one waits for it to finish; the caller stops before the next
+    (`check()`). A replay cut off between its steps left its row in flight beside its
+    dead letter (the reconciler would publish the event, and a second replay of the dead
+    letter run it again), or its entry re-added with the row still naming the old one.
+    A second Ctrl-C stops at once, as asyncio.run() makes it."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    async def whole(self, aw: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(aw)
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                self.pressed = True
+
+    def check(self) -> None:
+        if self.pressed:
+            raise asyncio.CancelledError
+
+
 async def _rebury(
     pool: asyncpg.Pool[Any], dl: DeadLetter, event_id: str, stream_id: str | None
 ) -> None:
@@ -852,8 +881,10 @@ async def cmd_dead_replay(session: Session, args: argparse.Namespace) -> int:
 
     verb = "would replay" if args.dry_run else "replayed"
     bar = _progress(total, args.quiet, "replay")
+    ctrl_c = CtrlC()
     try:
         async for dl in _iter_selected(client, queue.dead, sel, last, missing):
+            ctrl_c.check()
             bar.update(1)
             why = _skip_reason(dl)
             if why is not None:
@@ -866,7 +897,7 @@ async def cmd_dead_replay(session: Session, args: argparse.Namespace) -> int:
                     _say(f"{verb} {dl.id} (event {dl.text('event_id') or '-'})")
                 continue
             try:
-                new_id = await replay_one(pool, queue, dl)
+                new_id = await ctrl_c.whole(replay_one(pool, queue, dl))
             except _FATAL:
                 tally.failed += 1
                 raise
@@ -879,10 +910,11 @@ async def cmd_dead_replay(session: Session, args: argparse.Namespace) -> int:
             if new_id is None:
                 tally.skipped += 1
                 _say(f"skipped {dl.id}: replayed or purged by someone else meanwhile")
-                continue
-            tally.done += 1
-            if not args.quiet:
-                _say(f"{verb} {dl.id} -> {new_id} (event {dl.text('event_id') or '-'})")
+            else:
+                tally.done += 1
+                if not args.quiet:
+                    _say(f"{verb} {dl.id} -> {new_id} (event {dl.text('event_id') or '-'})")
+        ctrl_c.check()
     finally:
         bar.close()
         print(

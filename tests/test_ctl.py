@@ -28,6 +28,7 @@ from devstack.postgres import PostgresServer
 from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.publisher import ROW_COLUMNS, Publisher, RelayLoop, to_row
+from relay.reconciler import Reconciler
 from shared import ctl as ctl_mod
 from shared.constants import dead_letter_key, dedupe_key, stream_key
 from shared.ctl import DeadLetter, main, replay_one, scan_dead
@@ -674,6 +675,40 @@ async def test_a_replayed_event_the_worker_dead_letters_again_before_step_3_stay
     assert pipe.handlers.done == [("t", 0)]
 
 
+async def test_a_replay_whose_last_step_failed_is_not_published_twice_by_the_reconciler(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres fails the replay's last step (the row pointed at the new entry) for an event
+    whose dedupe key has expired (published more than RELAY_DEDUPE_TTL_SECONDS ago): the
+    row still names the old, acknowledged entry. Once that entry is trimmed, the
+    reconciler's republish must find the replayed one, not add a second."""
+    (event_id,) = await pipe.publish(1)
+    assert await pipe.work() == 1  # dead-lettered
+    await pipe.redis.delete(dedupe_key(event_id, "default"))  # expired
+    (dead_id,) = await pipe.dead_ids()
+    real_execute = asyncpg.pool.Pool.execute
+
+    async def track_fails(pool: Any, query: str, *args: Any, **kw: Any) -> str:
+        if query == ctl_mod._TRACK:
+            raise asyncpg.PostgresError("connection lost at step 3")
+        return await real_execute(pool, query, *args, **kw)
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "execute", track_fails)
+    queue = StreamQueue(pipe.redis, "default")
+    with pytest.raises(asyncpg.PostgresError):
+        await replay_one(pipe.pool, queue, await pipe.dead_letter(dead_id))
+    monkeypatch.undo()
+    row = await pipe.row(event_id)
+    (old, _), (replayed, _) = await pipe.redis.xrange(STREAM)
+    assert row["stream_id"] == old.decode()  # step 3 never ran
+    await pipe.redis.xdel(STREAM, old)  # trimmed
+    await pipe.pool.execute("UPDATE outbox SET published_at = now() - interval '1 hour'")
+    reconciler = Reconciler(pipe.pool, pipe.redis, pipe.relay.publisher, after_seconds=0.0)
+    await reconciler.run_once()
+    assert [sid for sid, _ in await pipe.redis.xrange(STREAM)] == [replayed]
+    assert (await pipe.row(event_id))["stream_id"] == replayed.decode()
+
+
 async def test_replay_all_needs_yes_then_skips_what_has_no_envelope(
     pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
 ) -> None:
@@ -746,6 +781,70 @@ def _prompted_replay(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]
         assert chunk, f"ended before asking: {seen!r}"
         seen += chunk
     return proc, master
+
+
+# `dead replay` whose first step (the outbox row revived) answers slowly, after its commit:
+# a Ctrl-C then lands between two steps of one replay.
+_SLOW_REVIVE = """
+import asyncio, sys
+import asyncpg.pool
+from shared import ctl
+
+real = asyncpg.pool.Pool.fetchrow
+
+async def slow(self, query, *args, **kw):
+    row = await real(self, query, *args, **kw)
+    if query == ctl._REVIVE:
+        print("revived", flush=True)
+        await asyncio.sleep(1.0)
+    return row
+
+asyncpg.pool.Pool.fetchrow = slow
+sys.exit(ctl.main(sys.argv[1:]))
+"""
+
+
+async def test_ctrl_c_during_a_replay_finishes_that_one_and_stops(
+    pipe: Pipeline, pg_server: PostgresServer, redis_server: RedisServer
+) -> None:
+    """Cut off after its first step, a replay left the row in flight (no longer
+    dead-lettered) beside its dead letter: the reconciler would publish the event once its
+    old entry was trimmed, and replaying the dead letter again would run it twice. The
+    dead letter being replayed is finished; the command stops before the next."""
+    first, second = await pipe.publish(2)
+    assert await pipe.work() == 2  # both dead-lettered
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": pg_server.dsn,
+        "REDIS_URL": redis_server.url,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_REVIVE, "dead", "replay", "--all", "--yes", "--quiet"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        assert line == b"revived\n", line
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(proc.wait, 30)
+        out = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, out
+    assert out.strip() == "replayed 1, skipped 0, failed 0"
+    (left,) = [await pipe.dead_letter(d) for d in await pipe.dead_ids()]
+    replayed = first if left.text("event_id") == second else second
+    row = await pipe.row(replayed)
+    assert row["dead_lettered_at"] is None
+    newest, _ = (await pipe.redis.xrange(STREAM))[-1]
+    assert row["stream_id"] == newest.decode()  # the row names its new entry
+    assert (await pipe.row(left.text("event_id")))["dead_lettered_at"] is not None
 
 
 async def test_ctrl_c_at_the_prompt_interrupts_at_once(

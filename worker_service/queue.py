@@ -33,13 +33,22 @@ from shared.constants import (
 
 Fields = dict[bytes, bytes]
 
-# KEYS: dead-letter stream, stream, [dedupe key]. ARGV: dead id, field name, envelope.
+# KEYS: dead-letter stream, stream, [dedupe key]. ARGV: dead id, field name, envelope,
+# TTL of a dedupe key made anew. The key names the new entry whether or not it had expired:
+# a replay whose last step (the row pointed at the new entry) never ran leaves the row
+# naming the old, acknowledged entry, and once that one is trimmed the reconciler's
+# republish finds the new one through the key instead of adding a second.
 _REPLAY_SCRIPT = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 local id = redis.call('XADD', KEYS[2], '*', ARGV[2], ARGV[3])
-if KEYS[3] then redis.call('SET', KEYS[3], id, 'XX', 'KEEPTTL') end
+if KEYS[3] and not redis.call('SET', KEYS[3], id, 'XX', 'KEEPTTL') then
+  redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
+end
 return id
 """
+# A dedupe key a replay makes anew lives as long as the relay's by default
+# (RELAY_DEDUPE_TTL_SECONDS): the reconciler looks at the event within far less.
+REPLAY_DEDUPE_TTL_SECONDS = 86_400
 
 HAND_OVER_CHUNK = 500  # ids per hand-over script: a few ms of Redis each
 # Pending entries read per consumer for the oldest-delivery gauge, each scrape: a consumer
@@ -389,7 +398,13 @@ class StreamQueue:
         if event_id:
             keys.append(dedupe_key(event_id, self.queue))
         new_id = await self.redis.eval(
-            _REPLAY_SCRIPT, len(keys), *keys, dead_id, ENVELOPE_FIELD, envelope
+            _REPLAY_SCRIPT,
+            len(keys),
+            *keys,
+            dead_id,
+            ENVELOPE_FIELD,
+            envelope,
+            REPLAY_DEDUPE_TTL_SECONDS,
         )
         return _sid(new_id) if new_id else None
 
