@@ -759,9 +759,11 @@ async def replay_one(pool: asyncpg.Pool[Any], queue: StreamQueue, dl: DeadLetter
       flight with its old, acknowledged stream id and the dead letter is still there. Once
       that old entry is trimmed the relay's reconciler publishes the event again; the
       worst case is a duplicate (the operator replays again), never a loss.
-    - Crash after step 2: the row is in flight, the task is in the stream and the worker
-      completes it (its UPDATE sets completed_at). If the reconciler gets there first it
-      publishes a duplicate: at least once, again.
+    - Crash after step 2 (or step 3 failing): the row is in flight, the task is in the
+      stream and the worker completes it (its UPDATE sets completed_at). If the
+      reconciler gets there first, the dedupe key the script set names the new entry, and
+      its republish takes that one instead of adding another. A Ctrl-C waits for all
+      three steps (CtrlC).
     The other order (Redis first) can leave the row dead-lettered while the task is back
     in the stream. The worker would still complete it, but if Redis lost the entry the
     reconciler would skip the row (it ignores dead-lettered rows) and the dead letter is
