@@ -809,9 +809,9 @@ class CtrlC:
             try:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
-                if task.done():
-                    raise
                 self.pressed = True
+                if task.done():  # in the same turn as the Ctrl-C: its outcome, not lost
+                    return task.result()
 
     def check(self) -> None:
         if self.pressed:

@@ -783,10 +783,11 @@ def _prompted_replay(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]
     return proc, master
 
 
-# `dead replay` whose first step (the outbox row revived) answers slowly, after its commit:
-# a Ctrl-C then lands between two steps of one replay.
+# `dead replay` whose first step (the outbox row revived) answers only once a Ctrl-C has
+# come (the main task cancelled; at most 30 s), after its commit: the Ctrl-C lands between
+# two steps of one replay.
 _SLOW_REVIVE = """
-import asyncio, sys
+import asyncio, sys, time
 import asyncpg.pool
 from shared import ctl
 
@@ -796,7 +797,11 @@ async def slow(self, query, *args, **kw):
     row = await real(self, query, *args, **kw)
     if query == ctl._REVIVE:
         print("revived", flush=True)
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(t.cancelling() for t in asyncio.all_tasks()):
+                break
+            await asyncio.sleep(0.01)
     return row
 
 asyncpg.pool.Pool.fetchrow = slow

@@ -1104,6 +1104,55 @@ async def test_a_dead_mark_whose_entry_was_taken_over_meanwhile_is_taken_back(
     assert (row["dead_lettered_at"], row["last_error"]) == (None, None)
 
 
+async def test_a_late_dead_mark_leaves_the_new_holders_outcome_alone(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    publish: Any,
+    make_worker: MakeWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker renews its entry to give up on it, then stalls past the visibility timeout
+    before its mark; another takes the entry over and records its own dead letter (mark,
+    dead letter, acknowledgement). The late mark must not replace that one: taken back
+    when its dead letter is refused, it would leave the row in flight beside the dead
+    letter, for the reconciler to publish again."""
+    (event_id,) = await publish(1, "permanent")
+    client: Any = redis
+    worker = make_worker(consumer_name="slow")
+    real_fetchval = asyncpg.pool.Pool.fetchval
+    stalled: list[bool] = []
+
+    async def other_first(self: Any, query: str, *args: Any) -> Any:
+        if query == consumer_mod._MARK_DEAD and not stalled:
+            stalled.append(True)
+            ((sid, fields),) = await client.xrange(STREAM)
+            entry = Entry(sid.decode(), fields, 1)
+            await client.xclaim(STREAM, CONSUMER_GROUP, "other", 0, [entry.id])
+            assert await real_fetchval(self, query, *args) is not None  # the other's mark
+            assert await StreamQueue(redis, "default").dead_letter(
+                entry,
+                consumer="other",
+                reason="permanent_error",
+                error="the other's",
+                event_id=event_id,
+                task_type="permanent",
+            )
+        return await real_fetchval(self, query, *args)
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "fetchval", other_first)
+    await worker.start()
+    try:
+        ends = {"task_outcome_left_to_new_holder", "task_dead_lettered"}
+        await eventually(lambda: _is(any(r.msg in ends for r in caplog.records)))
+    finally:
+        await worker.stop()
+    (letter,) = await dead_letters(redis)
+    assert letter["error"] == "the other's"
+    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
+    assert row is not None and row["dead_lettered_at"] is not None
+
+
 async def _pending_held_by(redis: aioredis.Redis, consumer: str) -> bool:
     client: Any = redis
     rows = await client.xpending_range(STREAM, CONSUMER_GROUP, "-", "+", 10)

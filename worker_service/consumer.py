@@ -70,10 +70,14 @@ WHERE event_id = ANY($1::uuid[]) AND completed_at IS NULL
 # restore-lost` could publish it again after Redis lost its dead letter, and that command
 # takes published rows only (an unpublished one is migration 002's, which never reached
 # the stream).
+# Not over a mark about this same entry: another worker that took the entry over (this
+# one stalled between its renewal and here) has marked it and written its dead letter; a
+# second mark, taken back below when its dead letter is refused, would erase that one.
 _MARK_DEAD = """
 UPDATE outbox SET dead_lettered_at = now(), last_error = $2, stream_id = $3,
     published_at = coalesce(published_at, now())
 WHERE event_id = $1::uuid AND completed_at IS NULL
+  AND (dead_lettered_at IS NULL OR stream_id IS DISTINCT FROM $3)
 RETURNING dead_lettered_at
 """
 # The mark taken back when the dead letter could not follow it: the entry was taken over
