@@ -62,14 +62,29 @@ class MigrationChanged(ConfigError):
 
 
 # Files rewritten after their release in a way that leaves a database that applied them
-# as the file now says: the checksums they had, taken as applied (and replaced by the
-# file's own at the next run). 005 gained IF NOT EXISTS, so that the index can be built by
-# hand, concurrently, before an upgrade from 004 (README, Development).
-EQUIVALENT_EARLIER: dict[str, frozenset[str]] = {
-    "005_outbox_refused_idx.sql": frozenset(
-        {"619b5e0d8dd25725db39dbf681b5f236cbf6ed766374152d4ed4ce4d3d99177d"}
+# as the file now says: (the file's checksum now, the checksums it had before, the first
+# released first). While the file is that text, an earlier checksum is taken as applied,
+# and the first released one is what a run records for it: an earlier release, which may
+# run against this database (a rollback), checks it against its own file. 005 gained IF
+# NOT EXISTS, so that its index can be built by hand, concurrently, before an upgrade from
+# 004 (README, Development).
+EQUIVALENT_EARLIER: dict[str, tuple[str, tuple[str, ...]]] = {
+    "005_outbox_refused_idx.sql": (
+        "78fa1c46cb4d4198a4c21fac18d02c0c24e6ec75d22ce244cb20c25dc99e777d",
+        ("619b5e0d8dd25725db39dbf681b5f236cbf6ed766374152d4ed4ce4d3d99177d",),
     ),
 }
+
+
+def _equivalent(name: str, now: str, applied: str | None) -> bool:
+    current, earlier = EQUIVALENT_EARLIER.get(name, ("", ()))
+    return now == current and applied in earlier
+
+
+def _recorded(name: str, now: str) -> str:
+    """The checksum a run records for a file it applies (see EQUIVALENT_EARLIER)."""
+    current, earlier = EQUIVALENT_EARLIER.get(name, ("", ()))
+    return earlier[0] if now == current and earlier else now
 
 
 def checksum(path: Path) -> str:
@@ -188,19 +203,21 @@ async def migrate(
         }
         found = [(v, path, checksum(path)) for v, path in migrations]
         for version, path, sha in found:
-            if done.get(version) in EQUIVALENT_EARLIER.get(path.name, ()):
-                done[version] = None  # its checksum is brought up to date below
-            if done.get(version) not in (None, sha):
+            if done.get(version) not in (None, sha) and not _equivalent(
+                path.name, sha, done[version]
+            ):
                 raise MigrationChanged(
                     f"{path.name} was changed after it was applied (sha256 {done[version][:12]}"
                     f" then, {sha[:12]} now): restore it, and put the change in a new migration"
                 )
         for version, _path, sha in found:
             if version in done and done[version] is None:
-                # Applied before checksums were kept, or as an equivalent earlier text: the
-                # file as it is now is taken as what was applied.
+                # Applied before checksums were kept: the file as it is now is taken as
+                # what was applied.
                 await conn.execute(
-                    "UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, sha
+                    "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                    version,
+                    _recorded(path.name, sha),
                 )
         for version, path, sha in found:
             if version in done:
@@ -214,7 +231,7 @@ async def migrate(
                         " VALUES ($1, $2, $3)",
                         version,
                         path.name,
-                        sha,
+                        _recorded(path.name, sha),
                     ),
                 ],
                 lock_timeout_ms,

@@ -874,35 +874,90 @@ async def test_a_migration_changed_after_it_was_applied_stops_the_run(
         await migrate(dsn, tmp_path)
 
 
+# 005 as it was released (until 1d6d099), before IF NOT EXISTS.
+RELEASED_005 = (
+    "-- Rows the relay failed to publish (Redis refused them, or was down), not yet published:\n"
+    "-- each failure moves available_at on, so the backlog's age counts these from created_at\n"
+    "-- (relay/maintenance.py), and this index keeps that lookup small. A row leaves it when it\n"
+    "-- is published (last_error is cleared then).\n"
+    "CREATE INDEX outbox_refused_idx ON outbox (created_at)\n"
+    "    WHERE published_at IS NULL AND last_error IS NOT NULL;\n"
+)
+
+
 async def test_an_index_built_by_hand_before_the_upgrade_is_kept_by_its_migration(
     pg_server: PostgresServer, tmp_path: Path
 ) -> None:
     """README (Development): build an index on a large table by hand, concurrently, before
     the release. 005 was a plain CREATE INDEX, which then failed on every run and kept the
-    API unready; it now says IF NOT EXISTS, and a database that applied its earlier text
-    is taken as up to date (that checksum is replaced, not refused)."""
-    dsn = pg_server.create_database(f"migrate_idx_{uuid.uuid4().hex[:8]}")
+    API unready; it now says IF NOT EXISTS, and rebuilds an invalid index of its name (a
+    concurrent build that failed leaves one). A database that applied its earlier text is
+    up to date and keeps that checksum (the release before checks it against its file);
+    an earlier checksum does not excuse a file changed again."""
     upto4 = tmp_path / "upto4"
     upto4.mkdir()
     for version, path in discover(migrations_dir()):
         if version <= 4:
             (upto4 / path.name).write_text(path.read_text())
-    assert await migrate(dsn, upto4) == [1, 2, 3, 4]
+    refused_idx = (
+        " outbox_refused_idx ON outbox (created_at)"
+        " WHERE published_at IS NULL AND last_error IS NOT NULL"
+    )
+    index = (
+        "SELECT i.indexrelid::int AS oid, i.indisvalid AS valid, i.indisunique AS is_unique"
+        " FROM pg_index i WHERE i.indexrelid = to_regclass('outbox_refused_idx')"
+    )
+    for case in ("valid", "invalid"):
+        dsn = pg_server.create_database(f"migrate_idx_{case}_{uuid.uuid4().hex[:8]}")
+        assert await migrate(dsn, upto4) == [1, 2, 3, 4]
+        conn = await asyncpg.connect(dsn)
+        try:
+            if case == "valid":
+                await conn.execute("CREATE INDEX CONCURRENTLY" + refused_idx)
+            else:  # a build that failed: two rows break the uniqueness it asked for
+                for _ in range(2):
+                    await conn.execute(
+                        "INSERT INTO outbox"
+                        " (event_id, queue, task_type, payload, created_at, last_error)"
+                        " VALUES (gen_random_uuid(), 'default', 't', '{}', '2026-01-01',"
+                        " 'refused')"
+                    )
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    await conn.execute("CREATE UNIQUE INDEX CONCURRENTLY" + refused_idx)
+            before = await conn.fetchrow(index)
+            assert before is not None and before["valid"] == (case == "valid")
+            assert await migrate(dsn) == [5]
+            after = await conn.fetchrow(index)
+            assert after is not None and after["valid"] and not after["is_unique"]
+            assert (after["oid"] == before["oid"]) == (case == "valid")  # kept, or rebuilt
+        finally:
+            await conn.close()
+
+    name = "005_outbox_refused_idx.sql"
+    current, (earlier,) = EQUIVALENT_EARLIER[name]
+    assert checksum(migrations_dir() / name) == current
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(
-            "CREATE INDEX CONCURRENTLY outbox_refused_idx ON outbox (created_at)"
-            " WHERE published_at IS NULL AND last_error IS NOT NULL"
-        )
-        assert 5 in await migrate(dsn)
-        name = "005_outbox_refused_idx.sql"
-        (earlier,) = EQUIVALENT_EARLIER[name]
-        await conn.execute("UPDATE schema_migrations SET checksum = $1 WHERE version = 5", earlier)
+        # Recorded as the released text's, which the release before checks against its file.
+        recorded = "SELECT checksum FROM schema_migrations WHERE version = 5"
+        assert await conn.fetchval(recorded) == earlier
+        old = tmp_path / "release_before"
+        old.mkdir()
+        for _version, path in discover(migrations_dir()):
+            (old / path.name).write_text(path.read_text())
+        (old / name).write_text(RELEASED_005)
+        assert checksum(old / name) == earlier
+        assert await migrate(dsn, old) == []  # a rollback's migrate still runs
         assert await migrate(dsn) == []
-        now = await conn.fetchval("SELECT checksum FROM schema_migrations WHERE version = 5")
-        assert now == checksum(migrations_dir() / name) != earlier
     finally:
         await conn.close()
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for _version, path in discover(migrations_dir()):
+        (changed / path.name).write_text(path.read_text())
+    (changed / name).write_text((changed / name).read_text() + "-- changed again\n")
+    with pytest.raises(MigrationChanged, match=name):
+        await migrate(dsn, changed)
 
 
 async def test_two_migrate_runs_at_once_apply_each_migration_once(
