@@ -40,7 +40,7 @@ from tests.helpers import eventually, relay_settings, worker_settings
 from worker_service import consumer as consumer_mod
 from worker_service.consumer import Worker
 from worker_service.maintenance import refresh_gauges, remove_gone_consumers
-from worker_service.queue import Entry, PendingInfo, StreamQueue
+from worker_service.queue import REPLAY_DEDUPE_TTL_SECONDS, Entry, PendingInfo, StreamQueue
 from worker_service.router import Router, TaskContext
 
 STREAM = stream_key()
@@ -1384,11 +1384,12 @@ async def test_a_dead_letter_is_replayed_once_even_when_two_replays_race(
     assert await redis.xlen(DEAD) == 0
 
 
-async def test_a_replay_keeps_the_dedupe_keys_expiry_and_creates_none(
+async def test_a_replay_points_the_dedupe_key_at_its_entry_with_an_expiry(
     redis: aioredis.Redis, publish: Any, make_worker: MakeWorker
 ) -> None:
-    """The replayed entry's id goes into the event's dedupe key while the relay's key lives,
-    with its expiry; once it has expired, none is made (it would never expire)."""
+    """The replayed entry's id goes into the event's dedupe key, with the relay's key's
+    expiry while it lives; once that has expired, in a key made anew with an expiry of its
+    own (the reconciler finds the replayed entry through it: see test_ctl.py)."""
     first, second = await publish(2, task="permanent")
     worker = make_worker()
     await worker.setup()
@@ -1396,13 +1397,17 @@ async def test_a_replay_keeps_the_dedupe_keys_expiry_and_creates_none(
     client: Any = redis
     dead = {f[b"event_id"].decode(): (i.decode(), f[b"e"]) for i, f in await client.xrange(DEAD)}
     key = dedupe_key(first, "default")
+    await redis.expire(key, 500)  # what is left of the relay's key
     await redis.delete(dedupe_key(second, "default"))  # the relay's key has expired
     new_id = await worker.queue.replay_dead(dead[first][0], dead[first][1], first)
     assert new_id is not None
     assert await client.get(key) == new_id.encode()
-    assert await redis.ttl(key) > 0
-    await worker.queue.replay_dead(dead[second][0], dead[second][1], second)
-    assert await redis.exists(dedupe_key(second, "default")) == 0
+    assert 0 < await redis.ttl(key) <= 500  # kept
+    again = await worker.queue.replay_dead(dead[second][0], dead[second][1], second)
+    assert again is not None
+    made = dedupe_key(second, "default")
+    assert await client.get(made) == again.encode()
+    assert REPLAY_DEDUPE_TTL_SECONDS - 60 < await redis.ttl(made) <= REPLAY_DEDUPE_TTL_SECONDS
 
 
 async def test_a_shutdown_cancel_is_not_mistaken_for_a_timeout(
