@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+logger = logging.getLogger(__name__)
+
+# How long a scrape waits for the gauges it refreshes first (the worker asks Redis for its
+# stream's figures): well within Prometheus's scrape_timeout (10 s, deploy/prometheus).
+REFRESH_TIMEOUT_SECONDS = 3.0
 
 
 async def metrics_handler(_request: web.Request) -> web.Response:
@@ -33,8 +41,19 @@ class ProbeServer:
         self._runner: web.AppRunner | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        """The registry, refreshed first where that can be done. A refresh that fails or
+        hangs (Redis down or silent) leaves those gauges at their last values and the rest
+        is served all the same: a failed scrape would mark the replica down (`up` 0, the
+        NoWorkerConsuming alert) and take its loop_errors_total, which says what fails,
+        out of reach."""
         if self._before_scrape is not None:
-            await self._before_scrape()
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT_SECONDS):
+                    await self._before_scrape()
+            except Exception as e:  # TimeoutError included
+                logger.warning(
+                    "metrics_refresh_failed", extra={"error": f"{type(e).__name__}: {e}"}
+                )
         return await metrics_handler(request)
 
     async def _healthz(self, _request: web.Request) -> web.Response:

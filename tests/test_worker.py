@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -24,7 +25,7 @@ from devstack.postgres import PostgresServer
 from devstack.procs import free_port
 from devstack.redis import RedisServer
 from relay.publisher import RelayLoop
-from shared.connections import create_pool
+from shared.connections import create_pool, create_redis
 from shared.constants import (
     CONSUMER_GROUP,
     RETRY_PARKING_CONSUMER,
@@ -34,6 +35,7 @@ from shared.constants import (
     stream_key,
 )
 from shared.errors import PermanentError
+from shared.http_probe import REFRESH_TIMEOUT_SECONDS, ProbeServer
 from shared.lifecycle import spend_cancellation
 from shared.outbox import enqueue
 from tests.helpers import eventually, relay_settings, worker_settings
@@ -1102,6 +1104,44 @@ async def test_a_dead_mark_whose_entry_was_taken_over_meanwhile_is_taken_back(
     )
     assert row is not None
     assert (row["dead_lettered_at"], row["last_error"]) == (None, None)
+
+
+@pytest.mark.parametrize("redis_is", ["refusing", "silent"])
+async def test_a_scrape_with_redis_down_still_serves_the_metrics(
+    redis_is: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker refreshes its stream gauges from Redis before each scrape. With Redis
+    down (refused) or silent (a partition: no answer for the socket timeout, past
+    Prometheus's 10 s scrape timeout), a failed scrape marked every worker down (up 0,
+    NoWorkerConsuming) and hid its loop_errors_total. The scrape answers, within the
+    refresh's timeout."""
+    silent = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1] if redis_is == "silent" else free_port()
+    if redis_is == "refusing":
+        silent.close()
+    dead_redis = create_redis(f"redis://127.0.0.1:{port}/0")
+    queue = StreamQueue(dead_redis, "default")
+
+    async def scrape() -> None:
+        await refresh_gauges(queue)
+
+    probe_port = free_port()
+    probe = ProbeServer("127.0.0.1", probe_port, before_scrape=scrape)
+    await probe.start()
+    try:
+        started = time.monotonic()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{probe_port}/metrics") as resp,
+        ):
+            assert resp.status == 200
+            assert "worker_pending_entries" in await resp.text()
+        assert time.monotonic() - started < REFRESH_TIMEOUT_SECONDS + 2
+    finally:
+        await probe.stop()
+        await dead_redis.aclose()
+        silent.close()
+    assert any(r.msg == "metrics_refresh_failed" for r in caplog.records)
 
 
 async def test_a_late_dead_mark_leaves_the_new_holders_outcome_alone(
