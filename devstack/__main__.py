@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[PostgresServer | RedisServer | SmtpSink] = []
     services: list[ServiceProcess] = []
     stop = {"now": False}
+    failed = False
 
     def on_signal(*_: object) -> None:
         stop["now"] = True
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if "DATABASE_URL" not in env:
             pg = PostgresServer(data / "postgres", ports["DEV_PG_PORT"], log=data / "postgres.log")
             _say(f"starting PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})", flush=True)
+            servers.append(pg)  # before its start: one that never got ready is stopped too
             pg.start()
-            servers.append(pg)
             env["DATABASE_URL"] = pg.create_database("signup")
         if "REDIS_URL" not in env:
             rs = RedisServer(data / "redis", ports["DEV_REDIS_PORT"], log=data / "redis.log")
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"starting Redis on 127.0.0.1:{rs.port} (append-only file in {rs.data_dir})",
                 flush=True,
             )
-            rs.start()
             servers.append(rs)
+            rs.start()
             env["REDIS_URL"] = rs.url
         if "SMTP_URL" not in env:
             sink = SmtpSink(data / "mail", ports["DEV_SMTP_PORT"])
@@ -132,25 +133,40 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         while not stop["now"]:
-            for svc in services:
-                if not svc.alive:
-                    _say(
-                        f"{svc.name} exited with {svc.proc and svc.proc.returncode}; stopping",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    stop["now"] = True
-                    break
+            gone = _exited(services, servers)
+            if gone:
+                _say(f"{gone}; stopping", file=sys.stderr, flush=True)
+                failed = True
+                break
             time.sleep(0.2)
-        return 0 if all(s.alive for s in services) else 1
     finally:
         _say("stopping services...", flush=True)
         for svc in reversed(services):
-            if svc.alive:
-                svc.terminate()
+            # -SIGTERM: the signal came before the service had set its handlers, while it
+            # was still starting, with nothing in flight.
+            if svc.alive and (code := svc.terminate()) not in (0, -signal.SIGTERM):
+                _say(f"{svc.name} exited with {code} while stopping", file=sys.stderr, flush=True)
+                failed = True
         for server in reversed(servers):
             server.stop()
         _say("stopped", flush=True)
+    return 1 if failed else 0
+
+
+def _exited(
+    services: list[ServiceProcess], servers: list[PostgresServer | RedisServer | SmtpSink]
+) -> str | None:
+    """What has exited of the stack (a service, or Postgres or Redis killed), if anything:
+    the others cannot do their work without it, and would log errors for ever."""
+    for svc in services:
+        if not svc.alive:
+            return f"{svc.name} exited with {svc.proc and svc.proc.returncode}"
+    for server in servers:
+        proc = getattr(server, "proc", None)
+        if proc is not None and proc.poll() is not None:
+            name = "postgres" if isinstance(server, PostgresServer) else "redis"
+            return f"{name} exited with {proc.returncode}"
+    return None
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class SmtpSink:
         self.handler = MaildirHandler(directory)
         self.controller = Controller(self.handler, hostname=host, port=port or _free_port())
         self.directory = directory
+        self._listening = False
 
     @property
     def port(self) -> int:
@@ -109,19 +110,25 @@ class SmtpSink:
 
     def start(self) -> None:
         self.controller.start()
+        self._listening = True
 
     def stop(self) -> None:
-        self.controller.stop()
+        """Stop listening, if it is (a chaos drill stopped in the middle of an SMTP outage:
+        aiosmtpd's stop() of a stopped controller raises, and the teardown after it, of
+        Postgres and Redis, would not run)."""
+        if self._listening:
+            self._listening = False
+            self.controller.stop()
 
     def refuse_connections(self) -> None:
         """Stop listening: the worker's connections are refused."""
-        self.controller.stop()
+        self.stop()
 
     def accept_connections(self) -> None:
         self.controller = Controller(
             self.handler, hostname=self.controller.hostname, port=self.controller.port
         )
-        self.controller.start()
+        self.start()
 
     def messages(self) -> list[EmailMessage]:
         return [msg for _path, msg in stored(self.directory)]

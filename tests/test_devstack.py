@@ -15,14 +15,20 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from devstack.chaos import Chaos
 from devstack.procs import free_port, wait_for_port
 from tests.helpers import eventually, signup_body
 
 
-def start(data: Path, ports: dict[str, int], output: int | None = None) -> subprocess.Popen[str]:
+def start(
+    data: Path,
+    ports: dict[str, int],
+    output: int | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "SMTP_URL")
-    }
+    } | (env or {})
     env.update(
         {
             "API_PORT": str(ports["api"]),
@@ -89,6 +95,111 @@ async def test_make_run_supervisor(workdir: Path) -> None:
     finally:
         code, out = stop(proc)
     assert code == 0, out[-3000:]
+
+
+def _redis_pid(port: int) -> int:
+    """The stack's Redis: it names itself "redis-server 127.0.0.1:<port>" in its command
+    line once started."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            line = (entry / "cmdline").read_bytes()
+            if entry.name.isdigit() and b"redis-server" in line and f":{port}".encode() in line:
+                return int(entry.name)
+    raise AssertionError(f"no redis-server on port {port}")
+
+
+def test_the_chaos_drill_tears_everything_down_when_stopped_during_an_smtp_outage(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped (Ctrl-C) in the 5 s the SMTP sink refuses connections: stopping the sink
+    again raised (aiosmtpd), and the rest of the teardown, Postgres and Redis, did not
+    run. The sink's stop is idempotent, and every teardown step runs whatever the one
+    before it did."""
+    chaos = Chaos(workdir / "chaos", seed=1)
+    chaos.pg.start()
+    chaos.redis.start()
+    chaos.sink.start()
+    chaos.sink.refuse_connections()  # the drill's smtp_down, interrupted here
+    stopped: list[str] = []
+    real_redis_kill = chaos.redis.kill
+
+    def redis_kill_fails() -> None:
+        real_redis_kill()
+        stopped.append("redis")
+        raise RuntimeError("a step that fails")
+
+    chaos.redis.kill = redis_kill_fails  # type: ignore[method-assign]
+    try:
+        chaos.teardown()
+    finally:  # whatever teardown left (it left both, before)
+        real_redis_kill()
+        pg_left = chaos.pg.proc is not None
+        chaos.pg.stop()
+    assert not pg_left  # stopped after the step that failed
+    assert stopped == ["redis"]
+    assert "teardown: " in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_a_postgres_that_never_gets_ready_is_stopped_too(workdir: Path) -> None:
+    """A postmaster that does not accept connections within its 30 s (a long crash
+    recovery) failed the start, and was left running in its own session: the next
+    `make run` found its port taken."""
+    fake = workdir / "fake-pg-bin"
+    fake.mkdir()
+    pidfile = workdir / "fake-postgres.pid"
+    scripts = {
+        "postgres": f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 600\n",
+        "pg_isready": "#!/bin/sh\nexit 2\n",
+    }
+    for name, text in scripts.items():
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    workdir.chmod(0o777)  # the fake postmaster runs as `nobody` under root, as Postgres does
+    data = workdir / "devstack-pg-never-ready"
+    (data / "postgres").mkdir(parents=True)
+    (data / "postgres" / "PG_VERSION").write_text("16\n")  # no initdb
+    ports = {k: free_port() for k in ("api", "pg", "redis", "smtp", "relay", "worker")}
+    proc = start(data, ports, env={"PG_BIN": str(fake)})
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert "postgres not ready after 30s" in out
+    pid = int(pidfile.read_text())
+    assert not Path(f"/proc/{pid}").exists(), "the postmaster was left running"
+
+
+@pytest.mark.timeout(120)
+async def test_the_stack_stops_when_its_redis_dies(workdir: Path) -> None:
+    """Redis killed under `make run`: the relay and the worker would log errors for ever
+    and signups' emails wait, with nothing said. The supervisor names what died, stops
+    the rest and exits 1."""
+    data = workdir / "devstack-redis-dies"
+    ports = {k: free_port() for k in ("api", "pg", "redis", "smtp", "relay", "worker")}
+    proc = start(data, ports)
+    try:
+        await asyncio.to_thread(wait_for_port, ports["api"], 60)
+
+        async def worker_running() -> bool:  # past its start, which needs Redis
+            with contextlib.suppress(aiohttp.ClientError):
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{ports['worker']}/healthz") as resp,
+                ):
+                    return resp.status == 200
+            return False
+
+        await eventually(worker_running, timeout=30)
+        os.kill(_redis_pid(ports["redis"]), signal.SIGKILL)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    assert proc.returncode == 1, out[-3000:]
+    assert "redis exited with -9; stopping" in out, out[-3000:]
+    assert "stopped" in out
+    for port in ports.values():
+        with pytest.raises(TimeoutError, match="nothing listening"):
+            await asyncio.to_thread(wait_for_port, port, 0.2)
 
 
 @pytest.mark.timeout(120)
