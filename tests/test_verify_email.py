@@ -430,6 +430,12 @@ async def test_a_resend_for_a_user_verified_meanwhile_sends_nothing(
         ("mail", "553 5.1.8 Sender address domain does not exist", RetryableError),
         ("mail", "530 5.7.0 Authentication required", RetryableError),
         ("data", "554 5.7.1 Rejected by policy", RetryableError),
+        # A server that gives no enhanced status codes (Exim's stock relay refusal): its
+        # words say it is our configuration; a plain refusal of the mailbox stays permanent.
+        ("rcpt", "550 relay not permitted", RetryableError),
+        ("rcpt", "550 Relaying denied", RetryableError),
+        ("rcpt", "550 No such user here", PermanentError),
+        ("rcpt", "550 5.1.1 No such user (relay.example.com)", PermanentError),
     ],
 )
 async def test_only_refusals_of_this_message_are_permanent(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -157,6 +158,18 @@ def _sorted_errors() -> Iterator[None]:
         raise RetryableError(f"SMTP unavailable: {type(e).__name__}: {e}") from e
 
 
+# A refusal to relay in the words of a server that gives no enhanced status code (Exim's
+# stock "550 relay not permitted"): our configuration, not this message.
+_RELAY_REFUSED = re.compile(r"\brelay", re.IGNORECASE)
+
+
 def _about_this_message(code: int, text: str) -> bool:
-    """A 5xx that is not a security or policy refusal (enhanced status 5.7.x)."""
-    return 500 <= code < 600 and not text.lstrip().startswith("5.7.")
+    """A 5xx that is not a security or policy refusal: enhanced status 5.7.x, or, from a
+    server that gives no enhanced status, a refusal to relay."""
+    if not 500 <= code < 600:
+        return False
+    text = text.lstrip()
+    if text.startswith("5.7."):
+        return False
+    enhanced = re.match(r"[245]\.\d{1,3}\.\d{1,3}\b", text) is not None
+    return enhanced or not _RELAY_REFUSED.search(text)
