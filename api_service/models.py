@@ -82,7 +82,9 @@ def _sendable(value: str) -> str:
     EmailStr normalises it (Unicode, whichever form was typed: one mailbox, one row); the
     worker sends it in its ASCII form (shared.addresses)."""
     if ascii_address(value) is None:
-        raise ValueError("the part before the @ must be ASCII")
+        raise ValueError(
+            "the part before the @ must be ASCII, and not read as an encoded word (=?...?=)"
+        )
     return value
 
 

@@ -9,7 +9,7 @@ import email.policy
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -452,6 +452,50 @@ async def test_only_refusals_of_this_message_are_permanent(
     setattr(smtp_sink.handler, attribute, reply)  # the clean fixture resets it
     with pytest.raises(outcome, match=reply[:3]):
         await send_new_event(pool, redis, state)
+
+
+async def test_an_address_no_header_can_carry_is_given_up_on_at_once(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    state: dict[str, Any],
+    smtp_sink: SmtpSink,
+) -> None:
+    """A mailbox name that reads as an RFC 2047 encoded word is valid to the address
+    validator, and the standard library refuses to write it in a To header: no attempt
+    could ever send it. The API refuses it now (test_api.py); a row from before is given
+    up on at once, not retried for up to an hour."""
+    address = "=?utf-8?q?a?=@example.com"
+    await add_user(pool)
+    await pool.execute("UPDATE users SET email = $1", address)
+    with pytest.raises(PermanentError, match="cannot be written in a To header"):
+        await send_new_event(pool, redis, state)
+    assert smtp_sink.messages() == []
+
+
+async def test_a_links_lifetime_counts_from_the_send(
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    state: dict[str, Any],
+    smtp_sink: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The email says the link "expires in N minutes". Counted from the transaction's
+    start, it lost the account lock's wait and the SMTP conversation (minutes at worst):
+    with a short lifetime the link was dead when the email arrived."""
+    monkeypatch.setenv("VERIFY_EMAIL_TTL_MINUTES", "0.05")  # 3 s
+    for hook in verify_app.router.startup_hooks:
+        await hook(state)
+    await add_user(pool)
+    async with account_lock_held(pool, "alice"):
+        send = asyncio.ensure_future(send_new_event(pool, redis, state))
+        await asyncio.sleep(3.5)  # longer than the lifetime, within the lock's 5 s wait
+        still_locked_at = await pool.fetchval("SELECT clock_timestamp()")
+    await send
+    assert len(smtp_sink.messages()) == 1
+    row = await pool.fetchrow("SELECT sent_at, expires_at FROM verify_emails")
+    assert row is not None
+    assert row["sent_at"] > still_locked_at  # the send's time, not its transaction's start
+    assert row["expires_at"] - row["sent_at"] == timedelta(seconds=3)
 
 
 async def test_missing_user_or_payload_is_permanent(

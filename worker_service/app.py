@@ -259,18 +259,34 @@ async def _send_in(
     # now but a row from before may hold, cannot be sent at all.
     to = ascii_address(user["email"])
     if to is None:
-        raise PermanentError("the address needs SMTPUTF8, which is not supported")
-    message = build_message(
-        cfg,
-        to=to,
-        full_name=user["full_name"],
-        link=link,
-        message_id=row["id"],
-        event_id=ctx.event_id,
-    )
+        raise PermanentError(
+            "the address cannot be sent to: it needs SMTPUTF8, which is not supported, or"
+            " cannot be written in a To header"
+        )
+    try:
+        message = build_message(
+            cfg,
+            to=to,
+            full_name=user["full_name"],
+            link=link,
+            message_id=row["id"],
+            event_id=ctx.event_id,
+        )
+    except ValueError as e:  # no retry builds it: given up on at once, not after an hour
+        raise PermanentError(f"the message cannot be built: {type(e).__name__}: {e}") from e
 
     async def record() -> None:
-        await conn.execute("UPDATE verify_emails SET sent_at = now() WHERE id = $1", row["id"])
+        # The link's lifetime counts from the server's answer to DATA, as the email says
+        # ("expires in N minutes"), not from this transaction's start: the account lock's
+        # wait and the SMTP conversation come before, minutes at worst, and a short
+        # VERIFY_EMAIL_TTL_MINUTES would have the link dead when the email arrives.
+        await conn.execute(
+            "UPDATE verify_emails SET (sent_at, expires_at) ="
+            " (SELECT t, t + make_interval(secs => $2) FROM (SELECT clock_timestamp() AS t) c)"
+            " WHERE id = $1",
+            row["id"],
+            ttl_seconds,
+        )
         # The link of the most recent email is the one that works (a resend): the
         # account's other unused links end now.
         await conn.execute(
