@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from email.errors import MessageError
 from email.headerregistry import Address
 
 from email_validator import EmailNotValidError, validate_email
@@ -24,6 +25,6 @@ def ascii_address(address: str) -> str | None:
         return None
     try:
         Address(addr_spec=sendable)
-    except ValueError:  # email.errors.InvalidHeaderDefect and its kin
+    except (ValueError, MessageError):  # InvalidHeaderDefect, CharsetError ("=?x?q?y?=")
         return None
     return sendable

@@ -67,11 +67,15 @@ class MigrationChanged(ConfigError):
 # and the first released one is what a run records for it: an earlier release, which may
 # run against this database (a rollback), checks it against its own file. 005 gained IF
 # NOT EXISTS, so that its index can be built by hand, concurrently, before an upgrade from
-# 004 (README, Development).
+# 004 (README, Development); the text of 1d6d099..05276ba, which recorded its own
+# checksum, is among the earlier ones.
 EQUIVALENT_EARLIER: dict[str, tuple[str, tuple[str, ...]]] = {
     "005_outbox_refused_idx.sql": (
-        "78fa1c46cb4d4198a4c21fac18d02c0c24e6ec75d22ce244cb20c25dc99e777d",
-        ("619b5e0d8dd25725db39dbf681b5f236cbf6ed766374152d4ed4ce4d3d99177d",),
+        "f4e00950513bc2bb6d0bc98034f4158f7e7770adfe46bcd490476ad688c90d8a",
+        (
+            "619b5e0d8dd25725db39dbf681b5f236cbf6ed766374152d4ed4ce4d3d99177d",
+            "17ba540d59cd14fc2145ea95325f2f2521d5324fadfc1774a21741f8ea89e17f",
+        ),
     ),
 }
 
@@ -210,7 +214,7 @@ async def migrate(
                     f"{path.name} was changed after it was applied (sha256 {done[version][:12]}"
                     f" then, {sha[:12]} now): restore it, and put the change in a new migration"
                 )
-        for version, _path, sha in found:
+        for version, path, sha in found:
             if version in done and done[version] is None:
                 # Applied before checksums were kept: the file as it is now is taken as
                 # what was applied.

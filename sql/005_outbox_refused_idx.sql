@@ -7,6 +7,9 @@
 -- such build that failed or was cut off leaves an invalid index of this name, which is
 -- dropped and built again here. (shared.migrate.EQUIVALENT_EARLIER takes this file's text
 -- from before those lines as applied.)
+-- The lock first: a concurrent build still under way holds one that conflicts with it, so
+-- the check below sees the index as that build leaves it, not one about to become valid.
+LOCK TABLE outbox IN SHARE UPDATE EXCLUSIVE MODE;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_index

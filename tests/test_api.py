@@ -403,6 +403,7 @@ async def test_body_over_64_kib_is_413(client: TestClient[Any, Any]) -> None:
         ("email", "jos\u00e9@example.com", "before the @ must be ascii"),
         # Valid to the validator, but no To header can carry it: never deliverable either.
         ("email", "=?utf-8?q?a?=@example.com", "encoded word"),
+        ("email", "=?x?q?y?=@example.com", "encoded word"),  # CharsetError, not ValueError
         ("email", "Mallory <dave@example.com>", "without a name"),  # EmailStr took it
         ("password", "short", "at least 8"),
         ("password", "p" * 129, "at most 128"),

@@ -436,6 +436,15 @@ async def test_a_resend_for_a_user_verified_meanwhile_sends_nothing(
         ("rcpt", "550 Relaying denied", RetryableError),
         ("rcpt", "550 No such user here", PermanentError),
         ("rcpt", "550 5.1.1 No such user (relay.example.com)", PermanentError),
+        (
+            "rcpt",
+            "550 <relay@example.com>: Recipient address rejected: User unknown",
+            PermanentError,
+        ),
+        ("rcpt", "550 No such user relay-team@example.com", PermanentError),
+        ("rcpt", "550 User unknown in relay recipient table", PermanentError),
+        ("rcpt", "550 #5.1.0 Address rejected relay@x.org", PermanentError),
+        ("rcpt", "550 Relay access denied", RetryableError),
     ],
 )
 async def test_only_refusals_of_this_message_are_permanent(
@@ -454,17 +463,18 @@ async def test_only_refusals_of_this_message_are_permanent(
         await send_new_event(pool, redis, state)
 
 
+@pytest.mark.parametrize("address", ["=?utf-8?q?a?=@example.com", "=?x?q?y?=@example.com"])
 async def test_an_address_no_header_can_carry_is_given_up_on_at_once(
     pool: asyncpg.Pool[Any],
     redis: aioredis.Redis,
     state: dict[str, Any],
     smtp_sink: SmtpSink,
+    address: str,
 ) -> None:
     """A mailbox name that reads as an RFC 2047 encoded word is valid to the address
     validator, and the standard library refuses to write it in a To header: no attempt
     could ever send it. The API refuses it now (test_api.py); a row from before is given
     up on at once, not retried for up to an hour."""
-    address = "=?utf-8?q?a?=@example.com"
     await add_user(pool)
     await pool.execute("UPDATE users SET email = $1", address)
     with pytest.raises(PermanentError, match="cannot be written in a To header"):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
@@ -272,7 +273,7 @@ async def _send_in(
             message_id=row["id"],
             event_id=ctx.event_id,
         )
-    except ValueError as e:  # no retry builds it: given up on at once, not after an hour
+    except (ValueError, MessageError) as e:  # no retry builds it: given up on at once
         raise PermanentError(f"the message cannot be built: {type(e).__name__}: {e}") from e
 
     async def record() -> None:

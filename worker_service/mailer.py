@@ -159,8 +159,14 @@ def _sorted_errors() -> Iterator[None]:
 
 
 # A refusal to relay in the words of a server that gives no enhanced status code (Exim's
-# stock "550 relay not permitted"): our configuration, not this message.
-_RELAY_REFUSED = re.compile(r"\brelay", re.IGNORECASE)
+# stock "550 relay not permitted"): our configuration, not this message. The phrase only,
+# with the addresses in the reply taken out first: "<relay@example.com>: User unknown" and
+# "User unknown in relay recipient table" are about the mailbox.
+_RELAY_REFUSED = re.compile(
+    r"\brelay(ing)?\s+(access\s+)?(not\s+permitted|not\s+allowed|denied|prohibited|refused)\b",
+    re.IGNORECASE,
+)
+_ADDRESSES = re.compile(r"<[^>]*>|\S+@\S+")
 
 
 def _about_this_message(code: int, text: str) -> bool:
@@ -171,5 +177,5 @@ def _about_this_message(code: int, text: str) -> bool:
     text = text.lstrip()
     if text.startswith("5.7."):
         return False
-    enhanced = re.match(r"[245]\.\d{1,3}\.\d{1,3}\b", text) is not None
-    return enhanced or not _RELAY_REFUSED.search(text)
+    enhanced = re.match(r"#?[245]\.\d{1,3}\.\d{1,3}\b", text) is not None
+    return enhanced or not _RELAY_REFUSED.search(_ADDRESSES.sub(" ", text))
