@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
     stack = Stack(root, args.profile)
     began = time.monotonic()
+    # Read before anything starts: at the end they would say when the run ended and how
+    # busy it kept the machine, not what it started on.
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    load_at_start = os.getloadavg()
     # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so the servers and services
     # the bench started are stopped and its folder removed, not left running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -176,14 +180,19 @@ def main(argv: list[str] | None = None) -> int:
             f"--quick: {plan.relay_rows:,} rows/entries, rates"
             f" {' and '.join(map(str, plan.rates))}/s for {plan.rate_seconds:.0f} s, stage 4"
             f" shortened ({plan.hash_samples} hashes, {plan.hash_seconds:.0f} s, no RFC 9106"
-            " comparison), stage 5 skipped (flatness: 10% vs 100% RSS of stages 1-2)"
+            " comparison), "
+            + (
+                f"stage 5 with {plan.backlog_rows:,} rows (--backlog)"
+                if plan.backlog_rows > 0
+                else "stage 5 skipped (flatness: 10% vs 100% RSS of stages 1-2)"
+            )
         )
     notes.append(
         "commit->done is measured from the signup transaction's start (outbox.created_at = "
         "now()), so it includes the INSERTs and the commit fsync; the handler records first"
     )
     doc: dict[str, Any] = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "when": started_at,
         "git": git_rev(),
         "quick": args.quick,
         "plan": plan.__dict__,
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             "cores": usable_cpus(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
-            "load_avg": os.getloadavg(),
+            "load_avg": load_at_start,
         },
         "seconds": time.monotonic() - began,
         "notes": notes,

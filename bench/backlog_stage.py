@@ -7,7 +7,7 @@ N stream entries (marking the real outbox rows completed). Each is read at 10% a
 
 from __future__ import annotations
 
-from bench.common import Figure, Stack, StageResult, insert_outbox_rows, log
+from bench.common import RSS_LIMIT_MIB, Figure, Stack, StageResult, insert_outbox_rows, log
 from bench.relay_stage import drain_with_relay
 from bench.worker_stage import drain_with_worker
 
@@ -38,7 +38,7 @@ async def run(stack: Stack, n: int) -> StageResult:
                 target_on="ratio",
                 target_label="flat (<= +10%)",
                 note=f"RSS now {got['rss100_mib']:.0f} MiB; < 100 MB: "
-                f"{'yes' if got['hwm100_mib'] < 100 else 'NO'}",
+                f"{'yes' if got['hwm100_mib'] < RSS_LIMIT_MIB else 'NO'}",
             ),
             Figure(
                 STAGE,

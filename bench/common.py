@@ -265,6 +265,10 @@ class Service:
 # -- servers -----------------------------------------------------------------------------
 
 
+# The issue's "under 100 MB", in the MiB the figures are read in (VmHWM is in KiB).
+RSS_LIMIT_MIB = 100e6 / 2**20
+
+
 class Stack:
     """Postgres (durable: commits fsync) and Redis in a temporary folder."""
 

@@ -31,6 +31,7 @@ from api_service.users import _SIGNUP as SIGNUP_STATEMENT
 from bench import timeline
 from bench.apps import LATENCY_KEY
 from bench.common import (
+    RSS_LIMIT_MIB,
     Figure,
     Service,
     Stack,
@@ -566,7 +567,9 @@ async def run(
     cheap = hash_times(CHEAP_TIME_COST, CHEAP_MEMORY_KIB, 50)
     cheap_med = percentile(cheap, 50)
     log(f"  cheap hash median {cheap_med * 1000:.2f} ms; bare chain baseline")
-    tx, bare = await bare_chain(stack, max(20, idle_count), 0.05)
+    # As far apart as the idle signups they are the baseline of (IDLE_SPACING / 2 between
+    # one server's and the other's): waking up costs more the longer the host has idled.
+    tx, bare = await bare_chain(stack, max(20, idle_count), IDLE_SPACING / 2)
     tx_med = percentile(tx, 50)
     pool_reset = percentile(await pooled_tx_times(stack, 30, True), 50)
     pool_plain = percentile(await pooled_tx_times(stack, 30, False), 50)
@@ -891,18 +894,22 @@ async def run(
             )
         )
         is500 = w.rate == 500
+        # A p99 over the completions that arrived says nothing of the ones that did not
+        # (the slowest, or lost): then it is no figure, and the target is not met.
+        complete = len(w.e2e) >= w.ok
         res.figures.append(
             Figure(
                 STAGE,
                 f"@{w.rate:.0f}/s commit->done p50/p95/p99",
-                e[2],
+                e[2] if complete else math.nan,
                 "ms",
                 bare3[2],
                 "bare chain p99 (idle)",
                 "<=" if is500 else None,
                 10 if is500 else None,
                 target_label="p99 <= 10 ms" if is500 else "",
-                note=f"p50/p95/p99 {fmt3(e)}; held={w.held}",
+                note=f"p50/p95/p99 {fmt3(e)}; held={w.held}"
+                + ("" if complete else f"; only {len(w.e2e)} of {w.ok} completions arrived"),
             )
         )
     res.figures.append(
@@ -926,7 +933,7 @@ async def run(
                 idle_mem[name],
                 "RSS idle after start",
                 "<",
-                100,
+                RSS_LIMIT_MIB,
                 target_label="< 100 MB",
             )
         )

@@ -22,7 +22,7 @@ from argon2 import PasswordHasher
 from argon2.low_level import Type
 
 from api_service.settings import ApiSettings
-from bench.common import Figure, Stack, StageResult, log, percentile
+from bench.common import RSS_LIMIT_MIB, Figure, Stack, StageResult, log, percentile
 from bench.e2e_stage import hash_times, post_signup, signup_body
 from bench.lean_http import NO_ANSWER, LeanClient
 from shared.settings import usable_cpus
@@ -239,7 +239,7 @@ async def run(
             MEMORY_KIB / 1024 * n_cores,
             f"{MEMORY_KIB / 1024:g} MiB x {n_cores} hash threads",
             "<",
-            100,
+            RSS_LIMIT_MIB,
             target_label="< 100 MB",
         ),
     ]

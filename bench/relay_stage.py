@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 
 from bench.common import (
+    RSS_LIMIT_MIB,
     DrainMarks,
     Figure,
     Stack,
@@ -230,7 +231,7 @@ async def run(stack: Stack, n: int, profile_dir: Path | None) -> StageResult:
             got["hwm10_mib"],
             "VmHWM after 10% drained",
             "<",
-            100,
+            RSS_LIMIT_MIB,
             target_label="< 100 MB",
         ),
     ]
