@@ -6,6 +6,8 @@ from pydantic import Field, model_validator
 
 from shared.settings import HOUR, YEAR, StreamSettings
 
+DEDUPE_TTL_MIN_SECONDS = 600
+
 
 class RelaySettings(StreamSettings):
     batch_size: int = Field(1000, ge=1, le=10_000, alias="RELAY_BATCH_SIZE")
@@ -23,9 +25,15 @@ class RelaySettings(StreamSettings):
         alias="RELAY_POLL_INTERVAL_SECONDS",
         description="Fallback poll when no NOTIFY arrives (NOTIFYs are lost while disconnected).",
     )
+    # At least DEDUPE_TTL_MIN_SECONDS: a key must outlive the claim transaction of a relay
+    # frozen after its XADDs (SIGSTOP, a paused VM, a partition). Postgres ends that
+    # transaction after IDLE_IN_TRANSACTION_SECONDS (60 s) without a statement, which the
+    # row-by-row pass restarts for up to ONE_BY_ONE_BUDGET_SECONDS and a Redis timeout or
+    # two; then the next relay claims the rows, and with their keys gone it would XADD the
+    # whole batch a second time.
     dedupe_ttl_seconds: int = Field(
         86_400,
-        ge=60,
+        ge=DEDUPE_TTL_MIN_SECONDS,
         le=YEAR,
         alias="RELAY_DEDUPE_TTL_SECONDS",
         description="How long Redis remembers that an event was published.",

@@ -66,6 +66,17 @@ def _url_with_scheme(*schemes: str) -> AfterValidator:
             raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}")
         if parts.scheme not in ("unix", "redis+unix") and not parts.hostname:
             raise ValueError("must name a host")
+        try:
+            parts.port  # noqa: B018 - read for its check
+        except ValueError:
+            # Most often a password with "/", "?" or "#" in it, which ends the host part
+            # early: the rest of the password is then read as the port. The message quotes
+            # nothing of the value (it holds the password); the client libraries' own
+            # errors would, in a traceback.
+            raise ValueError(
+                "its port is not a number between 0 and 65535; a password with '/', '?',"
+                " '#' or '@' in it must be percent-encoded (%2F, %3F, %23, %40)"
+            ) from None
         return value
 
     return AfterValidator(check)

@@ -13,9 +13,10 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from api_service.settings import ApiSettings
-from relay.settings import RelaySettings
+from relay.publisher import ONE_BY_ONE_BUDGET_SECONDS
+from relay.settings import DEDUPE_TTL_MIN_SECONDS, RelaySettings
 from shared import settings
-from shared.connections import WORKER_IDLE_IN_TRANSACTION_SECONDS
+from shared.connections import IDLE_IN_TRANSACTION_SECONDS, WORKER_IDLE_IN_TRANSACTION_SECONDS
 from shared.envelope import Envelope
 from shared.errors import ConfigError, EnvelopeError
 from shared.migrate import MigrateSettings
@@ -49,6 +50,16 @@ def env_names(cls: type[BaseSettings]) -> list[str]:
     [
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL: Value error, must be a URL with scheme"),
         ({"REDIS_URL": "redis://"}, "REDIS_URL: Value error, must name a host"),
+        # A password with an unescaped "/": the client libraries' errors quoted a piece of
+        # it, in a traceback, and the service exited 1 instead of 2.
+        (
+            {"DATABASE_URL": "postgresql://signup:hunter2/xyz@db:5432/x"},
+            "DATABASE_URL: Value error, its port is not a number",
+        ),
+        (
+            {"REDIS_URL": "redis://default:hunter2/xyz@redis:6379/0"},
+            "REDIS_URL: Value error, its port is not a number",
+        ),
         (
             {"SHUTDOWN_GRACE_SECONDS": "-1"},
             "SHUTDOWN_GRACE_SECONDS: Input should be greater than 0",
@@ -177,6 +188,21 @@ def test_a_bad_log_level_is_a_configuration_error(module: str) -> None:
     assert out.returncode == 2, out.stderr
     assert "LOG_LEVEL" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_dedupe_ttl_outlives_a_frozen_relays_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Postgres ends a frozen relay's claim transaction after 60 s idle (more in a row-by-row
+    pass), and the next relay claims its rows: with their dedupe keys expired by then (the
+    bound was 60 s), it published the whole batch a second time."""
+    for k, v in GOOD.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RELAY_RECONCILE_AFTER_SECONDS", "30")
+    monkeypatch.setenv("RELAY_DEDUPE_TTL_SECONDS", str(DEDUPE_TTL_MIN_SECONDS - 1))
+    with pytest.raises(ConfigError, match="RELAY_DEDUPE_TTL_SECONDS"):
+        settings.load(RelaySettings)
+    monkeypatch.setenv("RELAY_DEDUPE_TTL_SECONDS", str(DEDUPE_TTL_MIN_SECONDS))
+    assert settings.load(RelaySettings).dedupe_ttl_seconds == DEDUPE_TTL_MIN_SECONDS
+    assert DEDUPE_TTL_MIN_SECONDS > IDLE_IN_TRANSACTION_SECONDS + ONE_BY_ONE_BUDGET_SECONDS + 60
 
 
 def test_a_check_across_settings_names_its_variables_without_a_placeholder(
