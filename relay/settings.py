@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from shared.constants import DEDUPE_TTL_DEFAULT_SECONDS
 from shared.settings import HOUR, YEAR, StreamSettings
 
 DEDUPE_TTL_MIN_SECONDS = 600
@@ -32,7 +33,7 @@ class RelaySettings(StreamSettings):
     # two; then the next relay claims the rows, and with their keys gone it would XADD the
     # whole batch a second time.
     dedupe_ttl_seconds: int = Field(
-        86_400,
+        DEDUPE_TTL_DEFAULT_SECONDS,
         ge=DEDUPE_TTL_MIN_SECONDS,
         le=YEAR,
         alias="RELAY_DEDUPE_TTL_SECONDS",

@@ -17,6 +17,9 @@ ENVELOPE_VERSION = 1
 
 # Consumer name that parks failed entries while they wait out their retry backoff.
 RETRY_PARKING_CONSUMER = "__retry__"
+# How long an event's dedupe key lives by default: RELAY_DEDUPE_TTL_SECONDS's default, and
+# the life of a key a dead letter's replay makes anew.
+DEDUPE_TTL_DEFAULT_SECONDS = 86_400
 
 TASK_SEND_VERIFY_EMAIL = "send_verify_email"
 

@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from shared.constants import (
     CONSUMER_GROUP,
+    DEDUPE_TTL_DEFAULT_SECONDS,
     ENVELOPE_FIELD,
     RETRY_PARKING_CONSUMER,
     alone_key,
@@ -48,7 +49,7 @@ return id
 """
 # A dedupe key a replay makes anew lives as long as the relay's by default
 # (RELAY_DEDUPE_TTL_SECONDS): the reconciler looks at the event within far less.
-REPLAY_DEDUPE_TTL_SECONDS = 86_400
+REPLAY_DEDUPE_TTL_SECONDS = DEDUPE_TTL_DEFAULT_SECONDS
 
 HAND_OVER_CHUNK = 500  # ids per hand-over script: a few ms of Redis each
 # Pending entries read per consumer for the oldest-delivery gauge, each scrape: a consumer
@@ -81,15 +82,25 @@ return moved
 """
 
 
+# The opening of a script about one entry (KEYS[1] the stream; ARGV[1] the group, ARGV[2]
+# the consumer, ARGV[3] the entry id): it goes no further, answering nil, unless that
+# consumer still holds the entry.
+_IF_STILL_HELD = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return false end
+"""
+
+
 # KEYS: stream, alone mark. ARGV: group, consumer, entry id, deliveries, TTL. The claim's
 # renewal and the mark, only if the consumer still holds the entry.
-_MARK_ALONE_SCRIPT = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+_MARK_ALONE_SCRIPT = (
+    _IF_STILL_HELD
+    + """
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
 return 1
 """
+)
 
 
 # KEYS: stream, dead-letter stream. ARGV: group, consumer, entry id, then the dead
@@ -97,13 +108,14 @@ return 1
 # consumer still holds the entry: one it held when it stalled past the visibility timeout
 # has been taken over, and its new holder records the outcome (a second dead letter for
 # one event would be replayed twice).
-_DEAD_LETTER_SCRIPT = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not p[1] or p[1][2] ~= ARGV[2] then return false end
+_DEAD_LETTER_SCRIPT = (
+    _IF_STILL_HELD
+    + """
 local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return id
 """
+)
 
 
 # KEYS: stream. ARGV: group, consumer, then (entry id, owner, delivery count, min idle ms)
