@@ -323,6 +323,19 @@ async def _is(value: bool) -> bool:
     return value
 
 
+async def _outcome_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    """A worker has recorded a dead letter, or left the outcome to the entry's new holder."""
+    ends = {"task_outcome_left_to_new_holder", "task_dead_lettered"}
+    return any(r.msg in ends for r in caplog.records)
+
+
+async def _dead_lettered_at(pool: asyncpg.Pool[Any], event_id: str) -> Any:
+    """The event's outbox row's dead_lettered_at (the row must exist)."""
+    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
+    assert row is not None
+    return row["dead_lettered_at"]
+
+
 async def _pending_is(redis: aioredis.Redis, n: int) -> bool:
     return await pending_count(redis) == n
 
@@ -1047,15 +1060,13 @@ async def test_a_stalled_worker_leaves_the_outcome_of_an_entry_taken_over_to_its
         # The takeover a stall past the visibility timeout lets another worker make.
         await client.xclaim(STREAM, CONSUMER_GROUP, "other", 0, [entry_id])
         gate.set()
-        ends = {"task_outcome_left_to_new_holder", "task_dead_lettered"}
-        await eventually(lambda: _is(any(r.msg in ends for r in caplog.records)))
+        await eventually(lambda: _outcome_logged(caplog))
     finally:
         await stalled.stop()
     assert await dead_letters(redis) == []
     (held,) = await client.xpending_range(STREAM, CONSUMER_GROUP, "-", "+", 10)
     assert held["consumer"] == b"other"
-    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
-    assert row is not None and row["dead_lettered_at"] is None
+    assert await _dead_lettered_at(pool, event_id) is None
     # The new holder runs it (a restart runs its own pending entries) and gives up on it.
     other = make_worker(consumer_name="other")
     await other.start()
@@ -1065,8 +1076,7 @@ async def test_a_stalled_worker_leaves_the_outcome_of_an_entry_taken_over_to_its
         await other.stop()
     (letter,) = await dead_letters(redis)
     assert letter["event_id"] == event_id
-    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
-    assert row is not None and row["dead_lettered_at"] is not None
+    assert await _dead_lettered_at(pool, event_id) is not None
 
 
 async def test_a_dead_mark_whose_entry_was_taken_over_meanwhile_is_taken_back(
@@ -1093,8 +1103,7 @@ async def test_a_dead_mark_whose_entry_was_taken_over_meanwhile_is_taken_back(
     monkeypatch.setattr(worker.queue, "dead_letter", taken_over_first)
     await worker.start()
     try:
-        ends = {"task_outcome_left_to_new_holder", "task_dead_lettered"}
-        await eventually(lambda: _is(any(r.msg in ends for r in caplog.records)))
+        await eventually(lambda: _outcome_logged(caplog))
     finally:
         await worker.stop()
     assert await dead_letters(redis) == []
@@ -1183,14 +1192,12 @@ async def test_a_late_dead_mark_leaves_the_new_holders_outcome_alone(
     monkeypatch.setattr(asyncpg.pool.Pool, "fetchval", other_first)
     await worker.start()
     try:
-        ends = {"task_outcome_left_to_new_holder", "task_dead_lettered"}
-        await eventually(lambda: _is(any(r.msg in ends for r in caplog.records)))
+        await eventually(lambda: _outcome_logged(caplog))
     finally:
         await worker.stop()
     (letter,) = await dead_letters(redis)
     assert letter["error"] == "the other's"
-    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
-    assert row is not None and row["dead_lettered_at"] is not None
+    assert await _dead_lettered_at(pool, event_id) is not None
 
 
 async def _pending_held_by(redis: aioredis.Redis, consumer: str) -> bool:
@@ -1557,8 +1564,7 @@ async def test_a_handler_that_ignores_its_timeout_on_its_last_attempt_is_given_u
     assert dead["reason"] == "max_attempts"
     assert "did not give way" in dead["error"]
     assert await pending_count(redis) == 0  # acknowledged
-    row = await pool.fetchrow("SELECT dead_lettered_at FROM outbox WHERE event_id = $1", event_id)
-    assert row is not None and row["dead_lettered_at"] is not None
+    assert await _dead_lettered_at(pool, event_id) is not None
 
 
 async def test_a_stop_gives_up_on_a_deaf_last_attempt_within_its_grace_when_redis_hangs(
